@@ -1,0 +1,129 @@
+"""MiMo-V2-Flash assembled: embedding, 48 pre-norm decoder layers, final norm, LM head.
+
+    h_0 = embed_tokens[ids]                                  (no embedding scaling)
+    x   = h + attention_L(input_layernorm(h))                 (global or sliding window)
+    h   = x + ffn_L(post_attention_layernorm(x))              (dense MLP at layer 0, MoE after)
+    logits = lm_head(norm(h_48))                              (lm_head not tied to the embedding)
+
+Parameter names equal the hub's tensor names (`model.layers.3.self_attn.q_proj.weight`, ...),
+except that each MoE layer's experts are stacked (`mlp.experts.gate_proj` [e, m, c]) where the
+hub stores `mlp.experts.E.gate_proj.weight` one by one; `checkpoint.py` maps between the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import MiMoConfig
+from .mlp import MLP
+from .moe import MoE
+from .norm import RMSNorm
+from .rope import rope_cos_sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MiMoConfig, layer: int):
+        super().__init__()
+        self.geometry = config.attention(layer)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attn = Attention(config.hidden_size, self.geometry, config.value_scale, config.attention_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MoE(config) if config.is_moe(layer) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h, cos, sin, positions, kv_cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MiMoModel(nn.Module):
+    def __init__(self, config: MiMoConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+
+class MiMoForCausalLM(nn.Module):
+    """The complete main model. `model(input_ids)` -> logits [batch, seq, vocab]."""
+
+    def __init__(self, config: MiMoConfig):
+        super().__init__()
+        self.config = config
+        self.model = MiMoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> "MiMoForCausalLM":
+        """Random but plausible weights (for demos, tests and training from scratch).
+
+        Linear weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norm weights ~ U(0.8, 1.2),
+        sinks ~ N(0, 1), a router bias comparable to the spread of the sigmoid scores.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                new = torch.empty(p.shape).uniform_(0.8, 1.2, generator=gen)
+            elif name.endswith("attention_sink_bias") or name.endswith("embed_tokens.weight"):
+                new = torch.randn(p.shape, generator=gen)
+            elif name.endswith("e_score_correction_bias"):
+                new = 0.05 * torch.randn(p.shape, generator=gen)
+            else:  # [.., out, in] linear weights, stacked experts included
+                new = torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5
+            p.copy_(new.to(p.dtype))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        return_hidden_states: bool = False,
+    ):
+        """input_ids [b, t] -> logits [b, t, vocab] (float of the model's dtype).
+
+        positions [b, t]: absolute token positions (default 0..t-1, or continuing the cache);
+        -1 marks a padding token, which no query can see.
+        cache: a cache object (see `cache.py`) holding one per-layer cache; the new keys and
+        values are appended and only the new tokens' logits are returned.
+        return_hidden_states: also return the list of L+1 hidden states, in the official
+        convention: [embeddings, output of layer 0, ..., output of layer L-2, final-norm output].
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        hidden = self.hidden_states(input_ids, positions=positions, cache=cache,
+                                    keep_all=return_hidden_states)
+        logits = self.lm_head(hidden[-1])
+        return (logits, hidden) if return_hidden_states else logits
+
+    def hidden_states(self, input_ids, *, positions=None, cache=None, keep_all=False):
+        """Runs the stack; returns [final-norm output] or, with keep_all, every hidden state."""
+        b, t = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache.next_position
+            positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        h = self.model.embed_tokens(input_ids)
+        rope = {}  # cos/sin computed once per (rotary_dim, theta), shared by the layers using it
+        states = [h] if keep_all else []
+        for i, layer in enumerate(self.model.layers):
+            g = layer.geometry
+            if (g.rotary_dim, g.rope_theta) not in rope:
+                rope[g.rotary_dim, g.rope_theta] = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, h.dtype)
+            cos, sin = rope[g.rotary_dim, g.rope_theta]
+            h = layer(h, cos, sin, positions, None if cache is None else cache.layer(i))
+            if keep_all and i < len(self.model.layers) - 1:
+                states.append(h)
+        if cache is not None:
+            cache.advance(positions)
+        states.append(self.model.norm(h))
+        return states

@@ -1,0 +1,105 @@
+"""The mixture of experts of MiMo-V2-Flash: a sigmoid router with a load-balancing bias.
+
+Axes: n tokens (batch and positions flattened), c hidden channels, e experts, k chosen experts,
+m expert intermediate channels.
+
+Routing (layers 1..47; 256 experts, 8 chosen, no shared expert):
+
+1. `scores = sigmoid(x @ W_gate^T)` computed in float32 (the router is stored in float32).
+2. **Selection** uses `scores + e_score_correction_bias`. The bias is not learned by gradient:
+   during training it is nudged up for under-used experts and down for over-used ones
+   ("auxiliary-loss-free" balancing, `topk_method = "noaux_tc"`), so it only decides *which*
+   experts run, never how much they count.
+3. Optionally group-limited: experts form `n_group` groups, a group's score is the sum of its two
+   best biased scores, only the best `topk_group` groups compete (MiMo-V2-Flash: 1 group, a no-op).
+4. **Weights** are the *unbiased* sigmoid scores of the chosen experts, divided by their sum
+   (`norm_topk_prob`) and multiplied by `routed_scaling_factor` (null on the hub, i.e. 1).
+
+Dispatch: the n*k (token, expert) pairs are sorted by expert, so every expert that received
+tokens runs one matmul over a contiguous slice; experts that received none are never touched.
+Outputs are weighted in float32 and summed over the k choices before one cast back (in bfloat16
+rounding per expert instead would flip downstream expert choices).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.nn import functional as F
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size, num_experts, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
+                 scaling_factor=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32),
+                                                    requires_grad=False)
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.norm_topk_prob, self.scaling_factor = norm_topk_prob, scaling_factor
+
+    def forward(self, x: torch.Tensor):
+        """x [n, c] -> gate_weights [n, k] (float32), expert_ids [n, k]."""
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [n, e]
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = rearrange(choice, "n (G j) -> n G j", G=self.n_group)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [n, G]
+            best_groups = group_score.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
+            keep = keep[..., None].expand_as(grouped)
+            choice = rearrange(grouped.masked_fill(~keep, float("-inf")), "n G j -> n (G j)")
+        expert_ids = choice.topk(self.top_k, dim=-1).indices
+        gate_weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            gate_weights = gate_weights / (gate_weights.sum(-1, keepdim=True) + 1e-20)
+        return gate_weights * self.scaling_factor, expert_ids
+
+
+class Experts(nn.Module):
+    """`num_experts` SwiGLU experts stored stacked: gate/up [e, m, c], down [e, c, m].
+
+    The hub stores them one by one (`mlp.experts.E.gate_proj.weight`); the loader stacks them.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e applied to x [n, c] -> [n, c]."""
+        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [n, c], gate_weights / expert_ids [n, k] -> [n, c]."""
+        n, k = expert_ids.shape
+        flat_ids = rearrange(expert_ids, "n k -> (n k)")
+        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
+        token_of_pair = order // k
+        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
+        starts, sizes = (counts.cumsum(0) - counts).tolist(), counts.tolist()
+        x_sorted = x[token_of_pair]
+        out_sorted = torch.empty_like(x_sorted)
+        for e in counts.nonzero().flatten().tolist():  # only experts that received tokens
+            rows = slice(starts[e], starts[e] + sizes[e])
+            out_sorted[rows] = self.expert(e, x_sorted[rows])
+        out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)  # back to (n k) order
+        weighted = rearrange(out, "(n k) c -> n k c", k=k).float() * gate_weights[..., None]
+        return weighted.sum(dim=1).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate = Router(config.hidden_size, config.n_routed_experts, config.num_experts_per_tok,
+                           config.n_group, config.topk_group, config.norm_topk_prob, config.scaling_factor)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        tokens = rearrange(x, "b t c -> (b t) c")
+        gate_weights, expert_ids = self.gate(tokens)
+        return rearrange(self.experts(tokens, gate_weights, expert_ids), "(b t) c -> b t c", b=b)
