@@ -50,7 +50,7 @@ class Router(nn.Module):
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
             keep = keep[..., None].expand_as(grouped)
             choice = rearrange(grouped.masked_fill(~keep, float("-inf")), "n G j -> n (G j)")
-        expert_ids = choice.topk(self.top_k, dim=-1).indices
+        expert_ids = choice.topk(self.top_k, dim=-1, sorted=False).indices  # official slot order (bf16 sums)
         gate_weights = scores.gather(1, expert_ids)
         if self.norm_topk_prob:
             gate_weights = gate_weights / (gate_weights.sum(-1, keepdim=True) + 1e-20)

@@ -32,6 +32,7 @@ therefore wrong for partial blocks and for the per-head grid of the hub's full-a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -54,6 +55,7 @@ import transformers
 from transformers import AutoModelForCausalLM, MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
 
 FP8_MAX = 448.0
 PARTIAL_ROTARY_FACTOR = 0.334
@@ -561,9 +563,9 @@ def official_model(
     return model.eval()
 
 
-def load_official(folder: str | os.PathLike, dtype: torch.dtype, model_cls=AutoModelForCausalLM):
+def load_official(folder: str | os.PathLike, dtype: torch.dtype):
     """``from_pretrained`` as the reference uses it; returns (model, loading info dict)."""
-    model, info = model_cls.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         str(folder),
         dtype=dtype,
         attn_implementation="eager",
@@ -573,10 +575,17 @@ def load_official(folder: str | os.PathLike, dtype: torch.dtype, model_cls=AutoM
     return model.eval(), info
 
 
-class _NoIgnoreMiMo(MiMoV2FlashForCausalLM):
-    """Same model without the ``^model\\.mtp\\.`` ignore rule, to see what the loader drops."""
+@contextlib.contextmanager
+def _mtp_ignore_rule_disabled():
+    """Temporarily drop transformers' ``^model\\.mtp\\.`` ignore rule, to see what the loader drops."""
+    from transformers.models.mimo_v2_flash import modeling_mimo_v2_flash as mm
 
-    _keys_to_ignore_on_load_unexpected = None
+    saved = mm.MiMoV2FlashPreTrainedModel.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    mm.MiMoV2FlashPreTrainedModel._keys_to_ignore_on_load_unexpected = None
+    try:
+        yield
+    finally:
+        mm.MiMoV2FlashPreTrainedModel._keys_to_ignore_on_load_unexpected = saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,6 +665,8 @@ def write_case(
     meta = {**meta, "files": files}
     save_file({k: v.contiguous() for k, v in expected.items()}, str(folder / "expected.safetensors"))
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for f in folder.iterdir():
+        f.chmod(0o644)
 
 
 def read_folder_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -895,10 +906,6 @@ def _make_inputs(spec: CaseSpec, seed: int, V: int):
     return ids, mask
 
 
-def _weights_for_official(spec: CaseSpec, stored: dict) -> dict:
-    return dequantize_state(spec.config, stored)
-
-
 def _variant_logits(spec, stored32, ids, mask, cfg=None, edit: Callable[[dict], None] | None = None, **kw):
     st = dict(stored32)
     if edit is not None:
@@ -958,7 +965,8 @@ def _try_seed(spec: CaseSpec, seed: int) -> dict:
         model2, _ = load_official(load_dir, dtype)
         mtp_report = None
         if spec.mtp_blocks:
-            _, info_noignore = load_official(load_dir, dtype, model_cls=_NoIgnoreMiMo)
+            with _mtp_ignore_rule_disabled():
+                _, info_noignore = load_official(load_dir, dtype)
             unexpected = sorted(info_noignore["unexpected_keys"])
             mtp_report = {
                 "unexpected_before_ignore_rule": len(unexpected),
@@ -997,7 +1005,8 @@ def _try_seed(spec: CaseSpec, seed: int) -> dict:
     # Gaps along the greedy path, from one uncached forward of the whole greedy sequence.
     full_mask = None if mask is None else torch.cat([mask, torch.ones(B, n, dtype=mask.dtype)], 1)
     with torch.no_grad():
-        kw = {} if full_mask is None else dict(attention_mask=full_mask, position_ids=_positions(full_mask, B, T + n))
+        path_mask = None if full_mask is None else full_mask[:, :-1]
+        kw = {} if path_mask is None else dict(attention_mask=path_mask, position_ids=_positions(path_mask, B, T + n - 1))
         path_logits = model(greedy[:, :-1], use_cache=False, **kw).logits[:, T - 1 :].float()
     top2 = path_logits.topk(2, dim=-1)
     greedy_gap = (top2.values[..., 0] - top2.values[..., 1]).min().item()
@@ -1254,6 +1263,9 @@ def _transformers_own_fp8(spec, stored, stored32, tmp: Path) -> dict:
                     bad.append(f"{k} (max abs {d:.3g})")
         res["loads"] = True
         res["tensors_not_matching_correct_dequantization"] = bad
+    except ImportError as exc:  # transformers' FP8 path needs `accelerate`, which may be absent
+        res["ran"] = False
+        res["reason"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     except Exception as exc:  # noqa: BLE001 - informational only
         res["loads"] = False
         res["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
