@@ -81,25 +81,21 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def race(fns: dict, *, warmup: int, reps: int | None = None, budget_s: float | None = None,
-         min_reps: int = 5, max_reps: int = 2000) -> dict[str, float]:
+def race(fns: dict, *, warmup: int, budget_s: float, min_reps: int = 5, max_reps: int = 2000) -> dict:
     """Median (key `name`) and minimum (`name_min`) seconds of each function, called interleaved
     (A B A B ...) after `warmup` calls each, so that a slow patch of the machine hits both alike.
 
-    With `budget_s` instead of `reps`, the number of rounds is chosen from the warm-up timings so
-    that all the rounds together take about `budget_s` seconds (within [min_reps, max_reps]).
+    Rounds continue until `budget_s` seconds have passed (at least `min_reps`, at most `max_reps`).
     """
-    est = {name: 0.0 for name in fns}
     for _ in range(warmup):
-        for name, fn in fns.items():
-            est[name] = timed(fn)
-    if reps is None:
-        per_round = max(sum(est.values()), 1e-6)
-        reps = int(min(max_reps, max(min_reps, budget_s / per_round)))
+        for fn in fns.values():
+            fn()
     samples = {name: [] for name in fns}
-    for _ in range(reps):
+    start, reps = time.perf_counter(), 0
+    while reps < min_reps or (reps < max_reps and time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
             samples[name].append(timed(fn))
+        reps += 1
     out = {name: statistics.median(s) for name, s in samples.items()}
     return out | {f"{name}_min": min(s) for name, s in samples.items()} | {"_reps": reps}
 
@@ -155,6 +151,11 @@ def header(args) -> None:
           f"| python {platform.python_version()}")
     print(f"cpu: {cpu}, {os.cpu_count()} logical cores | torch threads: {torch.get_num_threads()} "
           f"| dtype float32 | mode: {'quick' if args.quick else 'full'} | {load_average()}")
+    with contextlib.suppress(OSError):
+        if os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1):
+            print("WARNING: other processes keep this machine busy; with several torch threads a descheduled "
+                  "thread stalls every parallel op, so timings (medians most) are inflated and noisy. Compare "
+                  "ratios and minima, or rerun with --threads 1 or on an idle machine.")
 
 
 def load_average() -> str:
@@ -237,7 +238,7 @@ def bench_moe(args) -> None:
                 diff = (fast - slow).abs().max().item()
                 assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5), f"{label}, {n} tokens: max diff {diff}"
                 t = race({"sorted": lambda: moe(x), "naive": lambda: naive_moe(moe, x)},
-                         warmup=args.warmup, budget_s=args.moe_budget)
+                         warmup=args.warmup, budget_s=args.moe_budget, min_reps=args.min_reps)
             print(f"{label:38s} {n:6d} {fmt_ms(t['sorted'])} {fmt_ms(t['naive'])} "
                   f"{t['naive'] / t['sorted']:11.2f}x {t['naive_min'] / t['sorted_min']:10.2f}x {diff:9.1e} {t['_reps']:6d}")
 
@@ -259,6 +260,7 @@ def main(argv=None) -> None:
     args.warmup = 1 if args.quick else 2
     args.prefill_budget = 8.0 if args.quick else 60.0  # seconds of timed prefill rounds
     args.moe_budget = 0.3 if args.quick else 2.0  # seconds of timed rounds per (layer, tokens) case
+    args.min_reps = 3 if args.quick else 5
     args.moe_tokens = (1, 16, 128) if args.quick else (1, 16, 512)
 
     if args.threads:

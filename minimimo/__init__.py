@@ -5,9 +5,14 @@
     logits = model(input_ids)          # [batch, seq, vocab]
 """
 
+from .cache import HybridCache
+from .chat import Conversation, format_chat, parse_reply
 from .checkpoint import CheckpointError, load
 from .config import MiMoConfig
+from .generate import generate, stream
 from .model import MiMoForCausalLM
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["MiMoConfig", "MiMoForCausalLM", "load", "CheckpointError", "__version__"]
+__all__ = ["MiMoConfig", "MiMoForCausalLM", "HybridCache", "load", "generate", "stream", "CheckpointError",
+           "Tokenizer", "Conversation", "format_chat", "parse_reply", "__version__"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import MiMoConfig
 from .fp8 import FP8, apply_scales, choose_grid

@@ -341,12 +341,42 @@ class MiMoConfig:
             "mtp": self.num_mtp_layers * mtp_block,
         }
 
+    def kv_cache_bytes(self, seq_len: int, dtype: Any = "bfloat16", layout: str = "hybrid", batch: int = 1) -> int:
+        """Bytes of keys and values for `batch` sequences of `seq_len` tokens.
+
+        layout "hybrid": what MiMo keeps (sliding layers only their last `sliding_window_size`);
+        "all-global": every layer global, with the global kv-head count (the "~6x" baseline);
+        "no-window": every layer keeps its own heads but never drops a token.
+        """
+        layouts = ("hybrid", "all-global", "no-window")
+        if layout not in layouts:
+            raise ValueError(f"layout {layout!r} is not one of {layouts}")
+        width = _dtype_bytes(dtype)
+        total = 0
+        for i in range(self.num_hidden_layers):
+            g = self.attention(i)
+            if layout == "all-global":
+                kv, d, e, tokens = self.num_key_value_heads, self.head_dim, self.v_head_dim, seq_len
+            else:
+                kv, d, e = g.num_kv_heads, g.head_dim, g.v_head_dim
+                tokens = min(seq_len, g.window) if layout == "hybrid" and g.window is not None else seq_len
+            total += tokens * kv * (d + e) * width
+        return total * batch
+
     def _attention_params(self, g: AttentionGeometry) -> int:
         h = self.hidden_size
         qk = (g.num_heads + g.num_kv_heads) * g.head_dim * h
         v = g.num_kv_heads * g.v_head_dim * h
         o = g.num_heads * g.v_head_dim * h
         return qk + v + o + (g.num_heads if g.has_sink else 0)
+
+
+def _dtype_bytes(dtype: Any) -> int:
+    name = str(dtype).removeprefix("torch.")
+    sizes = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "fp8": 1}
+    if name not in sizes:
+        raise ValueError(f"dtype {dtype!r} not one of {sorted(sizes)}")
+    return sizes[name]
 
 
 def _count_mtp_layers(directory: Path) -> int:
