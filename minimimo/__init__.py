@@ -9,10 +9,11 @@ from .cache import HybridCache
 from .chat import Conversation, format_chat, parse_reply
 from .checkpoint import CheckpointError, load
 from .config import MiMoConfig
+from .defaults import default_checkpoint
 from .generate import generate, stream
 from .model import MiMoForCausalLM
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["MiMoConfig", "MiMoForCausalLM", "HybridCache", "load", "generate", "stream", "CheckpointError",
-           "Tokenizer", "Conversation", "format_chat", "parse_reply", "__version__"]
+           "Tokenizer", "Conversation", "format_chat", "parse_reply", "default_checkpoint", "__version__"]

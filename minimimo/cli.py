@@ -1,38 +1,29 @@
-"""Command line: `python -m minimimo [demo|info] ...` (also installed as `minimimo`).
+"""Command line: `python -m minimimo [demo|info|generate|chat] ...` (also installed as `minimimo`).
 
-    minimimo                      # demo: write the small demo checkpoint, load it strictly, run it
-    minimimo info --flash         # the real 309B configuration: layers, parameters
-    minimimo info --model PATH    # any hub-layout checkpoint directory
+    minimimo                              # demo: load the default checkpoint, show it, generate
+    minimimo info --flash                 # the real 309B configuration, parameters, KV memory table
+    minimimo generate --prompt "def fib"  # stream a continuation, tokens/s at the end
+    minimimo chat                         # interactive chat in the official ChatML format
+
+`--model PATH` picks any hub-layout checkpoint directory; without it, the embedded default
+(`minimimo.default_checkpoint()`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .chat import Conversation
 from .checkpoint import load
 from .config import MiMoConfig, human
-
-
-def demo_checkpoint() -> Path:
-    """A small random MiMo in the official hub layout (FP8 blocks, per-layer files), written once.
-
-    It stands in for a trained checkpoint: the weights are random, so its text is noise, but the
-    loading path (index, shards, FP8 dequantization, strict accounting) is the real one.
-    """
-    from .hub import save_checkpoint
-    from .model import MiMoForCausalLM
-
-    home = Path(os.environ.get("MINIMIMO_HOME", Path.home() / ".cache" / "minimimo"))
-    directory = home / "demo-random-v1"
-    if not (directory / "config.json").is_file():
-        model = MiMoForCausalLM(MiMoConfig.tiny()).init_weights(seed=0)
-        save_checkpoint(model, directory, dtype=torch.bfloat16, fp8_block=16, layout="hub")
-    return directory
+from .defaults import default_checkpoint
+from .generate import stream
+from .tokenizer import Tokenizer
 
 
 def print_config(config: MiMoConfig) -> None:
@@ -41,27 +32,94 @@ def print_config(config: MiMoConfig) -> None:
     print(f"layers       {config.num_hidden_layers}  attention {pattern}  (G global, S sliding window "
           f"{config.sliding_window_size}+1)")
     print(f"             ffn       {ffn}  (D dense, E {config.n_routed_experts} experts, top-{config.num_experts_per_tok})")
-    for name, layer in (("global", config.hybrid_layer_pattern.index(0) if 0 in config.hybrid_layer_pattern else None),
-                        ("sliding", config.hybrid_layer_pattern.index(1) if 1 in config.hybrid_layer_pattern else None)):
-        if layer is None:
-            continue
-        g = config.attention(layer)
-        print(f"{name:<13}q heads {g.num_heads}, kv heads {g.num_kv_heads}, head dim {g.head_dim}/{g.v_head_dim}, "
-              f"rotary {g.rotary_dim}, theta {g.rope_theta:g}, sink {g.has_sink}")
+    for name, kind in (("global", 0), ("sliding", 1)):
+        if kind in config.hybrid_layer_pattern:
+            g = config.attention(config.hybrid_layer_pattern.index(kind))
+            print(f"{name:<13}q heads {g.num_heads}, kv heads {g.num_kv_heads}, head dim {g.head_dim}/{g.v_head_dim}, "
+                  f"rotary {g.rotary_dim}, theta {g.rope_theta:g}, sink {g.has_sink}")
     counts = config.parameter_counts()
     print(f"parameters   total {counts['total']:,} ({human(counts['total'])}), active per token "
           f"{counts['active']:,} ({human(counts['active'])}); MTP {config.num_mtp_layers} x "
           f"{human(counts['mtp_per_block'])}")
 
 
+def print_memory_table(config: MiMoConfig, dtype: str = "bfloat16") -> None:
+    print(f"KV cache per sequence ({dtype}):   hybrid   all-global   no-window   all-global/hybrid")
+    for n in (4096, 32768, 131072, 262144):
+        h, a, w = (config.kv_cache_bytes(n, dtype, layout) for layout in ("hybrid", "all-global", "no-window"))
+        print(f"  {n // 1024:>4}K tokens            {h / 2**30:8.3f} GiB {a / 2**30:8.3f} GiB {w / 2**30:8.3f} GiB"
+              f"   {a / h:5.2f}x")
+
+
 def cmd_info(args) -> int:
-    config = MiMoConfig.flash() if args.flash else MiMoConfig.from_pretrained(args.model or demo_checkpoint())
+    config = MiMoConfig.flash() if args.flash else MiMoConfig.from_pretrained(args.model or default_checkpoint())
     print_config(config)
+    print_memory_table(config)
+    return 0
+
+
+def load_with_tokenizer(args):
+    directory = Path(args.model) if args.model else default_checkpoint()
+    model = load(directory, dtype=args.dtype)
+    if not (directory / "tokenizer.json").is_file():
+        raise SystemExit(f"{directory}: no tokenizer.json, so text cannot be encoded (use `minimimo demo`)")
+    return directory, model, Tokenizer.from_pretrained(directory)
+
+
+def stream_text(model, tokenizer, prompt_ids, args, stop_ids) -> tuple[list[int], float]:
+    """Prints the continuation as it comes; returns the new ids and the decode tokens/s."""
+    decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
+    ids = torch.tensor([prompt_ids])
+    new, start, first = [], time.perf_counter(), None
+    for token in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, stop_token_ids=stop_ids):
+        if first is None:
+            first = time.perf_counter()  # prefill done, first token chosen
+        token_id = int(token[0])
+        new.append(token_id)
+        if token_id in stop_ids:
+            break
+        print(decoder.push(token_id), end="", flush=True)
+    print(decoder.flush(), flush=True)
+    decode_time = time.perf_counter() - (first or start)
+    rate = (len(new) - 1) / decode_time if len(new) > 1 and decode_time > 0 else float("nan")
+    return new, rate
+
+
+def cmd_generate(args) -> int:
+    _, model, tokenizer = load_with_tokenizer(args)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise SystemExit("empty prompt")
+    print(args.prompt, end="", flush=True)
+    stop_ids = tokenizer.eos_token_ids if args.stop_at_eos else []
+    new, rate = stream_text(model, tokenizer, prompt_ids, args, stop_ids)
+    print(f"\n[{len(prompt_ids)} prompt tokens, {len(new)} new tokens, decode {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    _, model, tokenizer = load_with_tokenizer(args)
+    conversation = Conversation()
+    print("chat with the model; an empty line or /exit ends it", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line or line == "/exit":
+            break
+        conversation.add_user(line)
+        prompt_ids = tokenizer.encode(conversation.prompt(enable_thinking=args.think))
+        print("mimo> ", end="", flush=True)
+        new, rate = stream_text(model, tokenizer, prompt_ids, args, tokenizer.eos_token_ids)
+        conversation.add_assistant(tokenizer.decode(new))
+        print(f"[{rate:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args) -> int:
-    directory = Path(args.model) if args.model else demo_checkpoint()
+    directory = Path(args.model) if args.model else default_checkpoint()
     print(f"checkpoint   {directory}")
     t0 = time.perf_counter()
     model = load(directory, dtype=args.dtype)
@@ -69,30 +127,47 @@ def cmd_demo(args) -> int:
     print(f"loaded       {report.tensors} tensors from {report.files} files in {time.perf_counter() - t0:.2f}s "
           f"({report.fp8_tensors} FP8, grids {report.grids}, {report.skipped_mtp} MTP tensors skipped)")
     print_config(model.config)
-    ids = torch.arange(args.tokens).remainder(model.config.vocab_size)[None]
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        logits = model(ids)
-    dt = time.perf_counter() - t0
-    print(f"forward      {tuple(ids.shape)} -> logits {tuple(logits.shape)} {logits.dtype} in {dt * 1e3:.1f} ms")
-    print(f"next-token argmax: {logits[0].argmax(-1).tolist()}")
-    print("(random weights: the demo shows the machinery, not language; see README)")
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_pretrained(directory)
+        prompt = "def fibonacci(n):\n"
+        print(f"generate     greedy continuation of {prompt!r}:\n")
+        print(prompt, end="")
+        args.temperature, args.top_k, args.top_p, args.seed = 0.0, 0, 1.0, None
+        new, rate = stream_text(model, tokenizer, tokenizer.encode(prompt), args, tokenizer.eos_token_ids)
+        print(f"\n[{len(new)} new tokens, decode {rate:.1f} tokens/s]")
     return 0
+
+
+def add_sampling(p) -> None:
+    p.add_argument("--model", help="checkpoint directory (hub layout); default: the embedded checkpoint")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="minimimo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("demo", help="load a checkpoint (default: the demo one) and run a forward pass")
-    p.add_argument("--model", help="checkpoint directory (hub layout)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--tokens", type=int, default=16)
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("info", help="configuration and parameter counts")
+    p = sub.add_parser("demo", help="load a checkpoint (default: the embedded one), show it, generate")
+    add_sampling(p)
+    p.set_defaults(func=cmd_demo, max_new_tokens=48)
+    p = sub.add_parser("info", help="configuration, parameter counts and KV-cache memory")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", help="checkpoint directory or config.json")
     g.add_argument("--flash", action="store_true", help="the real MiMo-V2-Flash configuration")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("generate", help="stream a continuation of --prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--no-stop", dest="stop_at_eos", action="store_false", help="do not stop at end-of-text tokens")
+    add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="interactive chat (ChatML, thinking off unless --think)")
+    p.add_argument("--think", action="store_true", help="let the model open a <think> block")
+    add_sampling(p)
+    p.set_defaults(func=cmd_chat, max_new_tokens=256)
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
