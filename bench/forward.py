@@ -177,8 +177,9 @@ def bench_prefill(args) -> None:
     check_official_rules(config)
     counts = config.parameter_counts()
     print(f"\n== 1. prefill, batch 1, {args.seq} tokens ==")
-    print(f"config: {config.num_hidden_layers} layers (global at {[i for i in range(config.num_hidden_layers) if not config.is_sliding(i)]}"
-          f", window {config.sliding_window_size}), hidden {config.hidden_size}, heads {config.num_attention_heads} "
+    global_layers = [i for i in range(config.num_hidden_layers) if not config.is_sliding(i)]
+    print(f"config: {config.num_hidden_layers} layers (global at {global_layers}, window {config.sliding_window_size}), "
+          f"hidden {config.hidden_size}, heads {config.num_attention_heads} "
           f"(kv {config.num_key_value_heads} global / {config.swa_num_key_value_heads} swa), head_dim {config.head_dim}/"
           f"v {config.v_head_dim}, {config.n_routed_experts} experts top-{config.num_experts_per_tok} "
           f"(moe_intermediate {config.moe_intermediate_size}), vocab {config.vocab_size}; "
@@ -240,7 +241,8 @@ def bench_moe(args) -> None:
                 t = race({"sorted": lambda: moe(x), "naive": lambda: naive_moe(moe, x)},
                          warmup=args.warmup, budget_s=args.moe_budget, min_reps=args.min_reps)
             print(f"{label:38s} {n:6d} {fmt_ms(t['sorted'])} {fmt_ms(t['naive'])} "
-                  f"{t['naive'] / t['sorted']:11.2f}x {t['naive_min'] / t['sorted_min']:10.2f}x {diff:9.1e} {t['_reps']:6d}")
+                  f"{t['naive'] / t['sorted']:11.2f}x {t['naive_min'] / t['sorted_min']:10.2f}x "
+                  f"{diff:9.1e} {t['_reps']:6d}")
 
 
 def main(argv=None) -> None:

@@ -2,14 +2,18 @@
 
 Axes: b batch, g kv heads, s cache slots, d key channels, e value channels.
 
-A sliding-window layer never looks more than `W = sliding_window_size` tokens back, so it keeps
-exactly W slots and overwrites the oldest: the token at position p lives in slot p % W. A global
-layer keeps every position, in buffers preallocated in chunks (never re-concatenated per step).
+Both caches are **indexed by position**. A global layer stores the token at position p in slot p
+(buffers preallocated, grown in chunks, never re-concatenated per step). A sliding-window layer
+never looks more than `W = sliding_window_size` tokens back, so it keeps W slots and the token at
+position p lives in slot p % W, overwriting the token W positions older.
 
-Every slot also stores the *position* of the token in it (-1 = empty or padding). Attention
-builds its mask from positions (`attention.visibility_mask`), so the slot order does not matter:
-a wrapped ring buffer, a batch with left padding and a prefill longer than the window all use
-the same mask rule, and nothing is ever shifted.
+Every slot also records the position it holds (-1 = empty). Attention builds its mask from
+positions (`attention.visibility_mask`), so slot order never matters: a wrapped ring buffer, a
+batch with left padding (padding tokens have position -1 and are never written), a prefill longer
+than the window and rows that advance at different speeds all use one mask rule. Rolling back
+speculative tokens is `truncate(keep)`: forget every position >= keep. For the ring to survive
+that, it must not have overwritten anything still needed: a ring with `reserve = k` extra slots
+(W + k in all) can take a block of k + 1 speculative tokens and roll back any of them.
 
 Memory per sequence in bf16 for MiMo-V2-Flash (`MiMoConfig.kv_cache_bytes`):
     global:  9 layers x 4 kv heads x (192 + 128) x 2 B = 23,040 B per token, growing with context
@@ -23,106 +27,96 @@ import torch
 from .config import AttentionGeometry, MiMoConfig
 
 
-class GlobalLayerCache:
-    """All positions, appended column by column into buffers that grow by `chunk` slots."""
+class LayerCache:
+    """Keys, values and positions in `capacity` slots; subclasses decide slot = f(position)."""
 
-    def __init__(self, geometry: AttentionGeometry, batch: int, dtype, device, capacity: int, chunk: int = 256):
-        self.g, self.batch, self.dtype, self.device, self.chunk = geometry, batch, dtype, device, chunk
-        self.k = torch.empty(batch, geometry.num_kv_heads, capacity, geometry.head_dim, dtype=dtype, device=device)
-        self.v = torch.empty(batch, geometry.num_kv_heads, capacity, geometry.v_head_dim, dtype=dtype, device=device)
+    def __init__(self, geometry: AttentionGeometry, batch: int, capacity: int, dtype, device):
+        self.k = torch.zeros(batch, geometry.num_kv_heads, capacity, geometry.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, geometry.num_kv_heads, capacity, geometry.v_head_dim, dtype=dtype, device=device)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
-        self.length = 0  # filled columns
+
+    def write(self, k, v, positions, slots) -> None:
+        """Store the tokens with a position >= 0 (padding is never written) in their slots."""
+        rows, cols = (positions >= 0).nonzero(as_tuple=True)
+        slot = slots[rows, cols]
+        self.k[rows, :, slot] = k[rows, :, cols]
+        self.v[rows, :, slot] = v[rows, :, cols]
+        self.pos[rows, slot] = positions[rows, cols]
+
+    def truncate(self, keep: torch.Tensor) -> None:
+        """Forget every position >= keep[b] (per row): the rollback of rejected speculative tokens."""
+        self.pos[self.pos >= keep[:, None]] = -1
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class GlobalLayerCache(LayerCache):
+    """Slot = position; grows by `chunk` slots when a position beyond the capacity arrives."""
+
+    def __init__(self, geometry, batch, dtype, device, capacity: int, chunk: int = 256):
+        super().__init__(geometry, batch, capacity, dtype, device)
+        self.chunk, self.length = chunk, 0  # slots in use: 1 + the largest position seen
 
     def _grow(self, needed: int) -> None:
         capacity = self.k.shape[2]
         if needed <= capacity:
             return
-        new = -(-needed // self.chunk) * self.chunk
-        pad = new - capacity
-        self.k = torch.cat([self.k, self.k.new_empty(*self.k.shape[:2], pad, self.k.shape[3])], dim=2)
-        self.v = torch.cat([self.v, self.v.new_empty(*self.v.shape[:2], pad, self.v.shape[3])], dim=2)
-        self.pos = torch.cat([self.pos, self.pos.new_full((self.batch, pad), -1)], dim=1)
+        extra = -(-needed // self.chunk) * self.chunk - capacity
+        self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], extra, self.k.shape[3])], dim=2)
+        self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], extra, self.v.shape[3])], dim=2)
+        self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], extra), -1)], dim=1)
 
     def update(self, k, v, positions):
-        """k [b, g, t, d], v [b, g, t, e], positions [b, t] -> all keys, values, key positions."""
-        t = k.shape[2]
-        self._grow(self.length + t)
-        end = self.length + t
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.pos[:, self.length:end] = positions
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
-
-    def truncate(self, keep: torch.Tensor) -> None:
-        """Forget every position >= keep[b] (per row): rollback for rejected speculative tokens."""
-        self.pos[self.pos >= keep[:, None]] = -1
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """k [b, g, t, d], v [b, g, t, e], positions [b, t] -> keys, values, key positions to attend."""
+        self.length = max(self.length, int(positions.max()) + 1)
+        self._grow(self.length)
+        self.write(k, v, positions, positions)
+        return self.k[:, :, :self.length], self.v[:, :, :self.length], self.pos[:, :self.length]
 
 
-class RingLayerCache:
-    """Exactly W slots; the token at position p lives in slot p % W."""
+class RingLayerCache(LayerCache):
+    """W + reserve slots; the token at position p lives in slot p % (W + reserve)."""
 
-    def __init__(self, geometry: AttentionGeometry, batch: int, dtype, device):
-        w = geometry.window
-        if not w:
+    def __init__(self, geometry: AttentionGeometry, batch: int, dtype, device, reserve: int = 0):
+        if not geometry.window:
             raise ValueError("a ring cache needs sliding_window_size >= 1")
-        self.g, self.window = geometry, w
-        self.k = torch.zeros(batch, geometry.num_kv_heads, w, geometry.head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, geometry.num_kv_heads, w, geometry.v_head_dim, dtype=dtype, device=device)
-        self.pos = torch.full((batch, w), -1, dtype=torch.long, device=device)
+        super().__init__(geometry, batch, geometry.window + reserve, dtype, device)
+        self.capacity = geometry.window + reserve
 
     def update(self, k, v, positions):
-        """Returns the W stored slots followed by the t new tokens (queries of this step may need
-        keys that the write below overwrites), then stores the newest W tokens in their slots."""
+        """Returns the stored slots followed by the t new tokens (queries of this step may need keys
+        that the write below overwrites), then stores the newest `capacity` tokens."""
         keys = torch.cat([self.k, k], dim=2)
         values = torch.cat([self.v, v], dim=2)
         key_pos = torch.cat([self.pos, positions], dim=1)
-        newest = slice(max(0, k.shape[2] - self.window), None)  # older ones are out of every later window
-        k_new, v_new, p_new = k[:, :, newest], v[:, :, newest], positions[:, newest]
-        slot = p_new.remainder(self.window)  # padding (-1) lands in slot W-1 with position -1: invisible
-        self.pos.scatter_(1, slot, p_new)
-        self.k.scatter_(2, slot[:, None, :, None].expand_as(k_new), k_new)
-        self.v.scatter_(2, slot[:, None, :, None].expand_as(v_new), v_new)
+        newest = slice(max(0, k.shape[2] - self.capacity), None)  # older ones leave every later window
+        self.write(k[:, :, newest], v[:, :, newest], positions[:, newest],
+                   positions[:, newest].remainder(self.capacity))
         return keys, values, key_pos
-
-    def truncate(self, keep: torch.Tensor) -> None:
-        """Forget positions >= keep[b]. The slots they overwrote are gone: use `snapshot`/`restore`
-        around a speculative step, which is what MTP verification does."""
-        self.pos[self.pos >= keep[:, None]] = -1
-
-    def snapshot(self):
-        return self.k.clone(), self.v.clone(), self.pos.clone()
-
-    def restore(self, state) -> None:
-        self.k, self.v, self.pos = (t.clone() for t in state)
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
 class HybridCache:
     """One cache per decoder layer: ring buffers for sliding layers, growing buffers for global ones.
 
-    `max_length` preallocates the global layers (e.g. prompt + new tokens); without it they grow
-    in chunks of `chunk` tokens.
+    max_length preallocates the global layers (e.g. prompt + new tokens), otherwise they grow in
+    chunks; reserve adds slots to every ring so that `reserve + 1` speculative tokens can be
+    rolled back (MTP drafting).
     """
 
     def __init__(self, config: MiMoConfig, batch: int = 1, *, dtype=torch.float32, device="cpu",
-                 max_length: int | None = None, chunk: int = 256):
+                 max_length: int | None = None, chunk: int = 256, reserve: int = 0):
         self.config = config
         self.layers = []
         for i in range(config.num_hidden_layers):
             g = config.attention(i)
             if g.window is not None:
-                self.layers.append(RingLayerCache(g, batch, dtype, device))
+                self.layers.append(RingLayerCache(g, batch, dtype, device, reserve))
             else:
                 self.layers.append(GlobalLayerCache(g, batch, dtype, device, max_length or chunk, chunk))
         self.next_positions = torch.zeros(batch, dtype=torch.long, device=device)  # per row
 
-    def layer(self, i: int):
+    def layer(self, i: int) -> LayerCache:
         return self.layers[i]
 
     @property
@@ -131,6 +125,11 @@ class HybridCache:
 
     def advance(self, positions: torch.Tensor) -> None:
         self.next_positions = torch.maximum(self.next_positions, positions.max(dim=1).values + 1)
+
+    def truncate(self, keep: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.truncate(keep)
+        self.next_positions = torch.minimum(self.next_positions, keep)
 
     def nbytes(self) -> int:
         """Bytes of keys and values actually allocated (position bookkeeping not included)."""

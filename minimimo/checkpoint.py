@@ -10,7 +10,9 @@
 3. FP8 tensors (a weight with a `_scale_inv` companion) are dequantized block by block into the
    requested dtype (`fp8.py`). bf16, fp32 and FP8 mix within a layer as on the hub; the router
    stays float32.
-4. Every tensor is accounted for. A missing tensor, an unexpected one, a wrong shape or dtype, an
+4. The MTP blocks (`model.mtp.layers.k.*`) load like the rest; a checkpoint without them loads
+   with `config.num_mtp_layers == 0` (no drafting).
+5. Every tensor is accounted for. A missing tensor, an unexpected one, a wrong shape or dtype, an
    index naming a missing shard, a shard that cannot be read: each raises `CheckpointError`
    naming the tensor and the file. No parameter is ever left uninitialised.
 """
@@ -18,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,9 @@ from tqdm import tqdm
 
 from .config import MiMoConfig
 from .fp8 import FP8, apply_scales, choose_grid
-from .hub import INDEX, MTP_PREFIX, SCALE_SUFFIX, TensorSpec, tensor_specs
+from .hub import INDEX, SCALE_SUFFIX, TensorSpec, tensor_specs
 from .model import MiMoForCausalLM
 
-log = logging.getLogger("minimimo")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +48,7 @@ class LoadReport:
     tensors: int = 0
     fp8_tensors: int = 0
     grids: dict[str, int] = field(default_factory=dict)  # FP8 row grid kind -> count
-    skipped_mtp: int = 0
+    mtp_blocks: int = 0  # MTP blocks loaded (0: drafting unavailable)
 
 
 def read_index(directory: Path) -> dict[str, str]:
@@ -103,9 +103,6 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
             for name in sorted(present - set(by_file[file])):
                 raise CheckpointError(f"{directory / file}: tensor {name!r} is in the file but not in the index")
             for name in sorted(by_file[file]):
-                if name.startswith(MTP_PREFIX):
-                    report.skipped_mtp += 1
-                    continue
                 if name.endswith(SCALE_SUFFIX):
                     continue  # read together with its weight
                 spec = specs[name]
@@ -120,9 +117,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     missing = [s.param for s in specs.values() if (s.param, s.expert) not in filled]
     if missing:  # cannot happen after _check_names; kept so no parameter is ever left unset
         raise CheckpointError(f"{directory}: parameters left unfilled: {missing[:5]}")
-    if report.skipped_mtp:
-        log.warning("%s: skipped %d MTP tensors (model.mtp.*): MTP blocks are not built by this loader",
-                    directory, report.skipped_mtp)
+    report.mtp_blocks = config.num_mtp_layers
     model.load_report = report
     return model.eval().requires_grad_(False)
 
@@ -179,7 +174,7 @@ def _check_names(weight_map: dict[str, str], specs: dict[str, TensorSpec], direc
             raise CheckpointError(f"{directory}: tensor {name!r} is missing from the checkpoint "
                                   f"(not in {INDEX})")
     for name, file in weight_map.items():
-        if name.startswith(MTP_PREFIX) or name in specs:
+        if name in specs:
             continue
         base = name.removesuffix(SCALE_SUFFIX)
         if name.endswith(SCALE_SUFFIX) and base in specs and specs[base].quantizable:

@@ -125,7 +125,7 @@ def cmd_demo(args) -> int:
     model = load(directory, dtype=args.dtype)
     report = model.load_report
     print(f"loaded       {report.tensors} tensors from {report.files} files in {time.perf_counter() - t0:.2f}s "
-          f"({report.fp8_tensors} FP8, grids {report.grids}, {report.skipped_mtp} MTP tensors skipped)")
+          f"({report.fp8_tensors} FP8, grids {report.grids}, {report.mtp_blocks} MTP blocks)")
     print_config(model.config)
     if (directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_pretrained(directory)

@@ -94,6 +94,9 @@ class MiMoConfig:
     pad_token_id: int | None = None
     num_mtp_layers: int = 3  # hub key `num_nextn_predict_layers` is absent; 3 blocks are on disk
     quantization_config: dict | None = None
+    # the two open points of MTP (SPEC §4.2), as switches; not hub keys
+    mtp_hidden: str = "pre_norm"  # main hidden state fed to the MTP blocks: "pre_norm" or "post_norm"
+    mtp_sliding_window: int | None = None  # window of the MTP blocks' attention; None = sliding_window_size
     # keys we read but do not need (architectures, sliding_window, attention_chunk_size, ...), kept
     # so that `to_dict()` writes back what was read
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -189,6 +192,9 @@ class MiMoConfig:
         d.setdefault("model_type", "mimo_v2_flash")
         d.setdefault("sliding_window", self.sliding_window_size)
         d.pop("num_mtp_layers")  # the hub has no such key: the count is read off the tensors
+        for key, default in (("mtp_hidden", "pre_norm"), ("mtp_sliding_window", None)):
+            if d[key] == default:
+                d.pop(key)
         if d["quantization_config"] is None:
             d.pop("quantization_config")
         return d
@@ -254,6 +260,7 @@ class MiMoConfig:
             need(isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block),
                  "quantization_config", f"weight_block_size must be [rows, cols], got {block!r}")
         need(self.num_mtp_layers >= 0, "num_mtp_layers", "must be >= 0")
+        need(self.mtp_hidden in ("pre_norm", "post_norm"), "mtp_hidden", "must be 'pre_norm' or 'post_norm'")
 
     # ------------------------------------------------------------------ per-layer questions
     @property
@@ -282,6 +289,9 @@ class MiMoConfig:
         sliding = True if layer is None else self.is_sliding(layer)
         p = "swa_" if sliding else ""
         head_dim = getattr(self, f"{p}head_dim")
+        window = self.sliding_window_size if sliding else None
+        if layer is None and self.mtp_sliding_window is not None:
+            window = self.mtp_sliding_window
         return AttentionGeometry(
             sliding=sliding,
             num_heads=getattr(self, f"{p}num_attention_heads"),
@@ -290,7 +300,7 @@ class MiMoConfig:
             v_head_dim=getattr(self, f"{p}v_head_dim"),
             rotary_dim=int(head_dim * self.partial_rotary_factor),
             rope_theta=float(self.swa_rope_theta if sliding else self.rope_theta),
-            window=self.sliding_window_size if sliding else None,
+            window=window,
             has_sink=self.add_swa_attention_sink_bias if sliding else self.add_full_attention_sink_bias,
         )
 

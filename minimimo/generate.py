@@ -118,10 +118,25 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
         next_pos = next_pos + 1
 
 
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, mtp_steps: int = 0,
+             return_stats: bool = False, **kwargs):
     """Prompt [batch, prompt] -> [batch, prompt + new] token ids (see `stream` for the options:
-    temperature, top_k, top_p, seed, stop_token_ids, attention_mask, pad_token_id)."""
+    temperature, top_k, top_p, seed, stop_token_ids, attention_mask, pad_token_id).
+
+    mtp_steps=k (1..3) drafts k tokens per cycle with the MTP blocks and verifies them in one
+    main-model forward (`speculative.py`): greedy output is token for token the plain greedy one,
+    sampled output has exactly the main model's distribution. return_stats=True returns
+    (ids, stats) with `stats.accept_lengths` (tokens produced per main-model decode forward).
+    """
+    if mtp_steps:
+        from .speculative import speculative_generate
+
+        ids, stats = speculative_generate(model, input_ids, max_new_tokens, mtp_steps=mtp_steps, **kwargs)
+        return (ids, stats) if return_stats else ids
     new = list(stream(model, input_ids, max_new_tokens, **kwargs))
-    if not new:
-        return input_ids.clone()
-    return torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+    ids = input_ids.clone() if not new else torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+    if return_stats:
+        from .speculative import SpeculativeStats
+
+        return ids, SpeculativeStats(0, [1] * max(0, len(new) - 1) * input_ids.shape[0])
+    return ids

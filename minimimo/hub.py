@@ -42,7 +42,7 @@ class TensorSpec:
 
 
 def tensor_specs(config: MiMoConfig) -> dict[str, TensorSpec]:
-    """hub tensor name -> TensorSpec, for the main model (MTP tensors are not listed here)."""
+    """hub tensor name -> TensorSpec, main model and MTP blocks (`model.mtp.layers.k.*`)."""
     c = config
     h = c.hidden_size
     specs = {
@@ -79,6 +79,22 @@ def tensor_specs(config: MiMoConfig) -> dict[str, TensorSpec]:
             add(p + "mlp.gate_proj.weight", (i_s, h), quantizable=True)
             add(p + "mlp.up_proj.weight", (i_s, h), quantizable=True)
             add(p + "mlp.down_proj.weight", (h, i_s), quantizable=True)
+    for k in range(c.num_mtp_layers):
+        p = f"model.mtp.layers.{k}."
+        g = c.attention(None)
+        for norm in ("enorm", "hnorm", "input_layernorm", "pre_mlp_layernorm", "final_layernorm"):
+            add(p + norm + ".weight", (h,))
+        add(p + "eh_proj.weight", (h, 2 * h))
+        add(p + "self_attn.q_proj.weight", (g.num_heads * g.head_dim, h), quantizable=True, head_size=g.head_dim)
+        add(p + "self_attn.k_proj.weight", (g.num_kv_heads * g.head_dim, h), quantizable=True, head_size=g.head_dim)
+        add(p + "self_attn.v_proj.weight", (g.num_kv_heads * g.v_head_dim, h), quantizable=True,
+            head_size=g.v_head_dim)
+        add(p + "self_attn.o_proj.weight", (h, g.num_heads * g.v_head_dim), quantizable=True)
+        if g.has_sink:
+            add(p + "self_attn.attention_sink_bias", (g.num_heads,))
+        add(p + "mlp.gate_proj.weight", (c.intermediate_size, h), quantizable=True)
+        add(p + "mlp.up_proj.weight", (c.intermediate_size, h), quantizable=True)
+        add(p + "mlp.down_proj.weight", (h, c.intermediate_size), quantizable=True)
     return specs
 
 

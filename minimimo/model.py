@@ -20,7 +20,8 @@ from .config import MiMoConfig
 from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm
-from .rope import rope_cos_sin
+from .mtp import MTP
+from .rope import RopeTables
 
 
 class DecoderLayer(nn.Module):
@@ -43,6 +44,7 @@ class MiMoModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mtp = MTP(config)  # empty when the checkpoint has no MTP blocks
 
 
 class MiMoForCausalLM(nn.Module):
@@ -108,22 +110,26 @@ class MiMoForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids, *, positions=None, cache=None, keep_all=False):
         """Runs the stack; returns [final-norm output] or, with keep_all, every hidden state."""
+        states = self.trunk(input_ids, positions=positions, cache=cache, keep_all=keep_all)
+        states[-1] = self.model.norm(states[-1])
+        return states
+
+    def trunk(self, input_ids, *, positions=None, cache=None, keep_all=False) -> list[torch.Tensor]:
+        """Embedding and decoder layers, no final norm: returns [h_last] (the residual stream the
+        MTP blocks read), or with keep_all [embeddings, output of layer 0, ..., output of layer L-1]."""
         b, t = input_ids.shape
         if positions is None:
             start = 0 if cache is None else cache.next_position
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         h = self.model.embed_tokens(input_ids)
-        rope = {}  # cos/sin computed once per (rotary_dim, theta), shared by the layers using it
+        rope = RopeTables(positions, h.dtype)
         states = [h] if keep_all else []
         for i, layer in enumerate(self.model.layers):
-            g = layer.geometry
-            if (g.rotary_dim, g.rope_theta) not in rope:
-                rope[g.rotary_dim, g.rope_theta] = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, h.dtype)
-            cos, sin = rope[g.rotary_dim, g.rope_theta]
+            cos, sin = rope(layer.geometry)
             h = layer(h, cos, sin, positions, None if cache is None else cache.layer(i))
             if keep_all and i < len(self.model.layers) - 1:
                 states.append(h)
         if cache is not None:
             cache.advance(positions)
-        states.append(self.model.norm(h))
+        states.append(h)
         return states

@@ -39,3 +39,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin
     return torch.cat((x_rot, x_pass), dim=-1)
+
+
+class RopeTables:
+    """cos/sin for one set of positions, computed once per (rotary_dim, theta) and shared."""
+
+    def __init__(self, positions: torch.Tensor, dtype: torch.dtype):
+        self.positions, self.dtype, self.tables = positions, dtype, {}
+
+    def __call__(self, geometry):
+        key = (geometry.rotary_dim, geometry.rope_theta)
+        if key not in self.tables:
+            self.tables[key] = rope_cos_sin(self.positions, geometry.rotary_dim, geometry.rope_theta, self.dtype)
+        return self.tables[key]
