@@ -351,12 +351,16 @@ class MiMoConfig:
             "mtp": self.num_mtp_layers * mtp_block,
         }
 
-    def kv_cache_bytes(self, seq_len: int, dtype: Any = "bfloat16", layout: str = "hybrid", batch: int = 1) -> int:
+    def kv_cache_bytes(self, seq_len: int, dtype: Any = "bfloat16", layout: str = "hybrid", batch: int = 1,
+                       reserve: int = 0) -> int:
         """Bytes of keys and values for `batch` sequences of `seq_len` tokens.
 
-        layout "hybrid": what MiMo keeps (sliding layers only their last `sliding_window_size`);
+        layout "hybrid": what MiMo keeps (sliding layers only their last `sliding_window_size`,
+        plus `reserve` spare slots for speculative decoding);
         "all-global": every layer global, with the global kv-head count (the "~6x" baseline);
         "no-window": every layer keeps its own heads but never drops a token.
+        (`HybridCache` allocates its ring buffers whole, so below the window it holds more than
+        this formula, which counts what is needed: min(seq_len, window) tokens.)
         """
         layouts = ("hybrid", "all-global", "no-window")
         if layout not in layouts:
@@ -369,7 +373,7 @@ class MiMoConfig:
                 kv, d, e, tokens = self.num_key_value_heads, self.head_dim, self.v_head_dim, seq_len
             else:
                 kv, d, e = g.num_kv_heads, g.head_dim, g.v_head_dim
-                tokens = min(seq_len, g.window) if layout == "hybrid" and g.window is not None else seq_len
+                tokens = min(seq_len, g.window + reserve) if layout == "hybrid" and g.window is not None else seq_len
             total += tokens * kv * (d + e) * width
         return total * batch
 

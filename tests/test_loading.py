@@ -75,12 +75,22 @@ def test_bf16_default_and_router_stays_fp32(tmp_path, tiny_model):
     assert loaded.model.layers[2].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
 
-def test_mtp_tensors_are_skipped_and_counted(ckpt, caplog):
+def test_partial_mtp_block_is_a_missing_tensor_error(ckpt):
     edit_shard(ckpt, "model_final.safetensors", lambda t: t.update({"model.mtp.layers.0.enorm.weight": torch.ones(64)}))
     edit_index(ckpt, lambda m: m.update({"model.mtp.layers.0.enorm.weight": "model_final.safetensors"}))
-    model = minimimo.load(ckpt, progress=False)
-    assert model.load_report.skipped_mtp == 1
-    assert "skipped 1 MTP tensors" in caplog.text
+    with pytest.raises(CheckpointError, match=r"'model.mtp.layers.0.hnorm.weight' is missing"):
+        minimimo.load(ckpt, progress=False)
+
+
+def test_mtp_blocks_round_trip_and_a_checkpoint_without_them_loads(tmp_path, saved):
+    model = MiMoForCausalLM(MiMoConfig.tiny(num_mtp_layers=3)).init_weights(4)
+    save_checkpoint(model, tmp_path, dtype=torch.float32, fp8_block=16)
+    names = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sum(n.startswith("model.mtp.layers.") for n in names) == 3 * 20  # 14 tensors + 6 scales each
+    assert names["model.mtp.layers.2.eh_proj.weight"] == "model_mtp.safetensors"
+    loaded = minimimo.load(tmp_path, progress=False)
+    assert loaded.config.num_mtp_layers == loaded.load_report.mtp_blocks == 3
+    assert minimimo.load(saved[1], progress=False).config.num_mtp_layers == 0  # no drafting, loads fine
 
 
 def test_missing_tensor(ckpt):
