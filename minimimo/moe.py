@@ -73,6 +73,14 @@ class Experts(nn.Module):
         """Expert e applied to x [n, c] -> [n, c]."""
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
 
+    use_grouped_mm = True  # False: always the per-expert loop (the readable twin)
+
+    def grouped_mm_ok(self, x: torch.Tensor) -> bool:
+        # torch's grouped matmul runs the same sorted slices in one call; on the CPU it takes
+        # float32 (bf16 needs 16-byte-aligned strides), and the loop below is its plain twin
+        return (self.use_grouped_mm and hasattr(F, "grouped_mm") and x.device.type == "cpu"
+                and x.dtype == torch.float32 and self.gate_proj.dtype == torch.float32 and x.shape[0] > 1)
+
     def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [n, c], gate_weights / expert_ids [n, k] -> [n, c]."""
         n, k = expert_ids.shape
@@ -82,10 +90,16 @@ class Experts(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
         starts, sizes = (counts.cumsum(0) - counts).tolist(), counts.tolist()
         x_sorted = x[token_of_pair]
-        out_sorted = torch.empty_like(x_sorted)
-        for e in counts.nonzero().flatten().tolist():  # only experts that received tokens
-            rows = slice(starts[e], starts[e] + sizes[e])
-            out_sorted[rows] = self.expert(e, x_sorted[rows])
+        if self.grouped_mm_ok(x):  # one kernel call per projection over the contiguous groups
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate = F.grouped_mm(x_sorted, self.gate_proj.mT, offs=offsets)
+            up = F.grouped_mm(x_sorted, self.up_proj.mT, offs=offsets)
+            out_sorted = F.grouped_mm(F.silu(gate) * up, self.down_proj.mT, offs=offsets)
+        else:
+            out_sorted = torch.empty_like(x_sorted)
+            for e in counts.nonzero().flatten().tolist():  # only experts that received tokens
+                rows = slice(starts[e], starts[e] + sizes[e])
+                out_sorted[rows] = self.expert(e, x_sorted[rows])
         out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)  # back to (n k) order
         weighted = rearrange(out, "(n k) c -> n k c", k=k).float() * gate_weights[..., None]
         return weighted.sum(dim=1).to(x.dtype)

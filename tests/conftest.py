@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"  # present in CI, absent in a user's clone
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("MINIMIMO_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def case_dirs() -> list[Path]:
