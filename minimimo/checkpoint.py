@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .config import MiMoConfig
-from .fp8 import FP8, apply_scales, choose_grid
+from .fp8 import FP8, candidate_grids, choose_grid
 from .hub import INDEX, SCALE_SUFFIX, TensorSpec, tensor_specs
 from .model import MiMoForCausalLM
 
@@ -60,8 +60,11 @@ def read_index(directory: Path) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err})") from None
     elif (directory / "model.safetensors").is_file():
-        with _open(directory / "model.safetensors") as f:
-            weight_map = {name: "model.safetensors" for name in f.keys()}
+        try:
+            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+                weight_map = {name: "model.safetensors" for name in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{directory / 'model.safetensors'}: cannot read it: {err}") from None
     else:
         raise CheckpointError(f"{directory}: neither {INDEX} nor model.safetensors found")
     for name, file in weight_map.items():
@@ -91,27 +94,23 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     filled: set[tuple[str, int | None]] = set()
     report = LoadReport(directory)
 
+    reader = ShardReader(directory, weight_map, device)
     by_file: dict[str, list[str]] = defaultdict(list)
     for name, file in weight_map.items():
         by_file[file].append(name)
     for file in tqdm(sorted(by_file), desc="loading shards", unit="shard", disable=not progress):
-        with _open(directory / file, device) as f:
-            present = set(f.keys())
-            for name in sorted(by_file[file]):
-                if name not in present:
-                    raise CheckpointError(f"{directory / file}: tensor {name!r} is listed in the index but not in this file")
-            for name in sorted(present - set(by_file[file])):
-                raise CheckpointError(f"{directory / file}: tensor {name!r} is in the file but not in the index")
-            for name in sorted(by_file[file]):
-                if name.endswith(SCALE_SUFFIX):
-                    continue  # read together with its weight
-                spec = specs[name]
-                tensor = _read(f, name, spec, config, directory, file, weight_map, dtype, device, report)
-                target = params[spec.param]
-                with torch.no_grad():
-                    (target[spec.expert] if spec.expert is not None else target).copy_(tensor)
-                filled.add((spec.param, spec.expert))
-                report.tensors += 1
+        reader.handle(file)  # opens it and checks its tensors against the index
+        for name in sorted(by_file[file]):
+            if name.endswith(SCALE_SUFFIX):
+                continue  # read together with its weight
+            spec = specs[name]
+            tensor = read_weight(reader, name, spec, config, dtype, report)
+            target = params[spec.param]
+            with torch.no_grad():
+                (target[spec.expert] if spec.expert is not None else target).copy_(tensor)
+            filled.add((spec.param, spec.expert))
+            report.tensors += 1
+        reader.release(file)
         report.files += 1
 
     missing = [s.param for s in specs.values() if (s.param, s.expert) not in filled]
@@ -122,50 +121,107 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     return model.eval().requires_grad_(False)
 
 
-def _read(f, name: str, spec: TensorSpec, config: MiMoConfig, directory: Path, file: str,
-          weight_map: dict[str, str], dtype: torch.dtype, device, report: LoadReport) -> torch.Tensor:
-    where = directory / file
-    tensor = _get(f, name, where)
-    if tuple(tensor.shape) != spec.shape:
-        raise CheckpointError(f"{where}: tensor {name!r} has shape {list(tensor.shape)}, "
-                              f"the config implies {list(spec.shape)}")
-    scale_name = name + SCALE_SUFFIX
-    if scale_name in weight_map:
-        if config.fp8_block is None:
-            raise CheckpointError(f"{where}: tensor {name!r} has a {SCALE_SUFFIX} but config.json has no "
-                                  "quantization_config.weight_block_size")
-        if tensor.dtype != FP8:
-            raise CheckpointError(f"{where}: tensor {name!r} has a {SCALE_SUFFIX} but is stored as "
-                                  f"{tensor.dtype}, not float8_e4m3fn")
-        scale_file = directory / weight_map[scale_name]
-        if scale_file.name == file:
-            scale = _get(f, scale_name, where)
-        else:
-            with _open(scale_file, device) as g:
-                scale = _get(g, scale_name, scale_file)
-        if scale.dtype != torch.float32:
-            raise CheckpointError(f"{scale_file}: tensor {scale_name!r} must be float32, got {scale.dtype}")
+class ShardReader:
+    """Opens shards lazily and reads whole tensors or row/column slices (`get_slice`: only the
+    requested bytes leave the disk), counting the bytes read. The first open of a file checks its
+    tensors against the index."""
+
+    def __init__(self, directory: Path, weight_map: dict[str, str], device="cpu"):
+        self.directory, self.weight_map, self.device = directory, weight_map, str(device)
+        self.handles: dict[str, object] = {}
+        self.bytes_read = 0
+
+    def handle(self, file: str):
+        if file not in self.handles:
+            path = self.directory / file
+            try:
+                handle = safe_open(str(path), framework="pt", device=self.device)
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{path}: cannot read this safetensors shard (truncated or corrupt?): {err}") from None
+            present = set(handle.keys())
+            listed = {n for n, f in self.weight_map.items() if f == file}
+            for name in sorted(listed - present):
+                raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but not in this file")
+            for name in sorted(present - listed):
+                raise CheckpointError(f"{path}: tensor {name!r} is in the file but not in the index")
+            self.handles[file] = handle
+        return self.handles[file]
+
+    def release(self, file: str) -> None:
+        self.handles.pop(file, None)
+
+    def where(self, name: str) -> Path:
+        return self.directory / self.weight_map[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handle(self.weight_map[name]).get_slice(name).get_shape())
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None):
+        """The tensor, or rows [r0, r1) / columns [c0, c1) of it."""
         try:
-            kind, row_block = choose_grid(tensor, scale, config.fp8_block, head_size=spec.head_size, name=name)
+            tensor_slice = self.handle(self.weight_map[name]).get_slice(name)
+            if rows is None and cols is None:
+                tensor = tensor_slice[:]
+            elif cols is None:
+                tensor = tensor_slice[rows[0]:rows[1]]
+            else:
+                r0, r1 = rows if rows is not None else (0, tensor_slice.get_shape()[0])
+                tensor = tensor_slice[r0:r1, cols[0]:cols[1]]
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"{self.where(name)}: cannot read tensor {name!r} (truncated or corrupt "
+                                  f"shard?): {err}") from None
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def read_weight(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoConfig, dtype: torch.dtype,
+                report: LoadReport, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None):
+    """One parameter (or a row/column slice of it) in `dtype`, FP8 dequantized, every check made."""
+    where = reader.where(name)
+    shape = reader.shape(name)
+    if shape != spec.shape:
+        raise CheckpointError(f"{where}: tensor {name!r} has shape {list(shape)}, the config implies {list(spec.shape)}")
+    scale_name = name + SCALE_SUFFIX
+    if scale_name not in reader.weight_map:
+        tensor = reader.read(name, rows, cols)
+        if tensor.dtype == FP8:
+            raise CheckpointError(f"{where}: tensor {name!r} is float8_e4m3fn but has no {scale_name!r}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: tensor {name!r} has dtype {tensor.dtype}; "
+                                  "expected float32, bfloat16, float16 or FP8 with a scale")
+        return tensor.float() if spec.float32 else tensor.to(dtype)
+    if config.fp8_block is None:
+        raise CheckpointError(f"{where}: tensor {name!r} has a {SCALE_SUFFIX} but config.json has no "
+                              "quantization_config.weight_block_size")
+    block_r, block_c = config.fp8_block
+    r0, r1 = rows if rows is not None else (0, shape[0])
+    c0, c1 = cols if cols is not None else (0, shape[1])
+    scale_shape = reader.shape(scale_name)
+    grids = candidate_grids(shape[0], scale_shape[0], block_r, spec.head_size) if len(scale_shape) == 2 else {}
+    if len(grids) == 1 and scale_shape[1] == -(-shape[1] // block_c):
+        kind, row_block = next(iter(grids.items()))  # the shape decides: read only the slice
+        tensor = reader.read(name, rows, cols)
+    else:  # ambiguous or wrong: the full tensor and scale go to choose_grid (amax test or error)
+        tensor, scale = reader.read(name), reader.read(scale_name)
+        try:
+            kind, row_block = choose_grid(tensor, scale, (block_r, block_c), head_size=spec.head_size, name=name)
         except ValueError as err:
-            raise CheckpointError(f"{scale_file}: {err}") from None
-        out = apply_scales(tensor, scale, row_block, config.fp8_block[1], dtype)
-        report.fp8_tensors += 1
-        report.grids[kind] = report.grids.get(kind, 0) + 1
-        return out.float() if spec.float32 else out
-    if tensor.dtype == FP8:
-        raise CheckpointError(f"{where}: tensor {name!r} is float8_e4m3fn but has no {scale_name!r}")
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{where}: tensor {name!r} has dtype {tensor.dtype}; "
-                              "expected float32, bfloat16, float16 or FP8 with a scale")
-    return tensor.float() if spec.float32 else tensor.to(dtype)
-
-
-def _get(f, name: str, where: Path) -> torch.Tensor:
-    try:
-        return f.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(f"{where}: cannot read tensor {name!r} (truncated or corrupt shard?): {err}") from None
+            raise CheckpointError(f"{reader.where(scale_name)}: {err}") from None
+        tensor = tensor[r0:r1, c0:c1]
+    if tensor.dtype != FP8:
+        raise CheckpointError(f"{where}: tensor {name!r} has a {SCALE_SUFFIX} but is stored as "
+                              f"{tensor.dtype}, not float8_e4m3fn")
+    row_block = row_block[r0:r1]
+    s_r0, s_r1 = int(row_block.min()), int(row_block.max()) + 1  # the scale rows covering our rows
+    s_c0, s_c1 = c0 // block_c, (c1 - 1) // block_c + 1
+    scale = reader.read(scale_name, (s_r0, s_r1), (s_c0, s_c1))
+    if scale.dtype != torch.float32:
+        raise CheckpointError(f"{reader.where(scale_name)}: tensor {scale_name!r} must be float32, got {scale.dtype}")
+    col_block = torch.arange(c0, c1) // block_c - s_c0
+    out = (tensor.float() * scale[(row_block - s_r0).to(scale.device)][:, col_block.to(scale.device)]).to(dtype)
+    report.fp8_tensors += 1
+    report.grids[kind] = report.grids.get(kind, 0) + 1
+    return out.float() if spec.float32 else out
 
 
 def _check_names(weight_map: dict[str, str], specs: dict[str, TensorSpec], directory: Path) -> None:
@@ -202,20 +258,3 @@ def _resolve_dtype(dtype, config: MiMoConfig) -> torch.dtype:
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype} not supported; use float32, bfloat16 or float16")
     return dtype
-
-
-class _open:
-    """safe_open that names the file when it cannot be read (truncated, corrupt, not safetensors)."""
-
-    def __init__(self, file: Path, device="cpu"):
-        self.file, self.device = file, str(device)
-
-    def __enter__(self):
-        try:
-            self.handle = safe_open(str(self.file), framework="pt", device=self.device)
-            return self.handle.__enter__()
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{self.file}: cannot read this safetensors shard (truncated or corrupt?): {err}") from None
-
-    def __exit__(self, *exc):
-        return self.handle.__exit__(*exc)

@@ -22,7 +22,7 @@ from .chat import Conversation
 from .checkpoint import load
 from .config import MiMoConfig, human
 from .defaults import default_checkpoint
-from .generate import stream
+from .generate import generate, stream
 from .tokenizer import Tokenizer
 
 
@@ -93,8 +93,28 @@ def cmd_generate(args) -> int:
         raise SystemExit("empty prompt")
     print(args.prompt, end="", flush=True)
     stop_ids = tokenizer.eos_token_ids if args.stop_at_eos else []
+    if args.mtp_steps:
+        return generate_speculative(model, tokenizer, prompt_ids, args, stop_ids)
     new, rate = stream_text(model, tokenizer, prompt_ids, args, stop_ids)
     print(f"\n[{len(prompt_ids)} prompt tokens, {len(new)} new tokens, decode {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def generate_speculative(model, tokenizer, prompt_ids, args, stop_ids) -> int:
+    """MTP drafting: the text, then the acceptance length and its histogram."""
+    start = time.perf_counter()
+    ids, stats = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, mtp_steps=args.mtp_steps,
+                          return_stats=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, stop_token_ids=stop_ids)
+    elapsed = time.perf_counter() - start
+    new = ids[0, len(prompt_ids):].tolist()
+    print(tokenizer.decode(new, skip_special_tokens=True), flush=True)
+    print(f"\n[{len(new)} new tokens in {elapsed:.2f}s ({len(new) / elapsed:.1f} tokens/s incl. prefill), "
+          f"mtp_steps={args.mtp_steps}, mean acceptance length {stats.mean_accept_length:.2f}]", file=sys.stderr)
+    histogram = stats.histogram()
+    for n, count in histogram.items():
+        bar = "#" * round(40 * count / max(1, max(histogram.values())))
+        print(f"  {n} token{'s' if n > 1 else ' '} per forward: {count:4d} {bar}", file=sys.stderr)
     return 0
 
 
@@ -162,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help="stream a continuation of --prompt")
     p.add_argument("--prompt", required=True)
     p.add_argument("--no-stop", dest="stop_at_eos", action="store_false", help="do not stop at end-of-text tokens")
+    p.add_argument("--mtp-steps", type=int, default=0, help="draft k tokens per cycle with the MTP blocks (1..3)")
     add_sampling(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("chat", help="interactive chat (ChatML, thinking off unless --think)")

@@ -1,0 +1,444 @@
+"""DOCSTRING PLACEHOLDER"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from .config import MiMoConfig
+from .hub import SCALE_SUFFIX, tensor_specs, is_fp8_stored
+
+GiB = 2**30
+DEFAULT_BLOCK = (128, 128)  # the release's FP8 block when a config has no quantization_config
+WEIGHT_DTYPES = ("fp8", "bf16", "fp32")
+_WEIGHT_ALIASES = {"fp8": "fp8", "float8_e4m3fn": "fp8", "bf16": "bf16", "bfloat16": "bf16", "fp16": "bf16",
+                   "float16": "bf16", "fp32": "fp32", "float32": "fp32"}
+_KV_WIDTH = {"fp8": 1, "float8_e4m3fn": 1, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+_MEMORY_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class PlanError(ValueError, MemoryError):
+    """The model does not fit the devices: raised by `Plan.check()` before anything is allocated."""
+
+
+# ---------------------------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as it sits in device memory (an FP8 weight's scale is a tensor of its own)."""
+
+    unit: str  # placement unit: "embedding", "layer.7", "head", "mtp.0"
+    part: str  # attention / experts / router / dense / norms / embedding / lm_head / eh_proj
+    kind: str  # "fp8", "bf16", "fp32" or "scale" (the float32 block scales of FP8 weights)
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def unit_of(name: str) -> str:
+    """Hub tensor name -> the placement unit that holds it."""
+    if name.startswith("model.embed_tokens."):
+        return "embedding"
+    if name.startswith("model.layers."):
+        return f"layer.{name.split('.')[2]}"
+    if name.startswith("model.mtp.layers."):
+        return f"mtp.{name.split('.')[3]}"
+    if name.startswith(("model.norm.", "lm_head.")):
+        return "head"
+    raise ValueError(f"tensor {name!r} belongs to no placement unit")
+
+
+def part_of(name: str) -> str:
+    """Hub tensor name -> which part of its unit it is (for the per-layer breakdown)."""
+    base = name.removesuffix(SCALE_SUFFIX)
+    if ".self_attn." in base:
+        return "attention"
+    if ".mlp.experts." in base:
+        return "experts"
+    if ".mlp.gate." in base:  # router weight and its correction bias (not gate_proj)
+        return "router"
+    if ".mlp." in base:
+        return "dense"
+    if base.startswith("model.embed_tokens."):
+        return "embedding"
+    if base.startswith("lm_head."):
+        return "lm_head"
+    if base.endswith("eh_proj.weight"):
+        return "eh_proj"
+    return "norms"  # input/post-attention/pre-mlp/final layernorms, enorm, hnorm, model.norm
+
+
+def stored_tensors(config: MiMoConfig, weight_dtype: str = "fp8") -> dict[str, StoredTensor]:
+    """Every tensor of the model (MTP blocks included) with its bytes for `weight_dtype`.
+
+    "fp8": what the release stores: q/k/v, dense and expert linears as 1-byte FP8 plus a float32
+        scale [scale_rows, ceil(in / b)] (`..._scale_inv`); the rest bf16, the router float32.
+    "bf16": every weight 2 bytes (FP8 dequantized), the router float32.
+    "fp32": every weight 4 bytes.
+    """
+    dtype = _weight_dtype(weight_dtype)
+    block_rows, block_cols = config.fp8_block or DEFAULT_BLOCK
+    out: dict[str, StoredTensor] = {}
+    for name, spec in tensor_specs(config).items():
+        unit, part, numel = unit_of(name), part_of(name), math.prod(spec.shape)
+        if dtype == "fp8" and is_fp8_stored(name, spec):
+            rows, cols = spec.shape
+            if _global_k_proj(config, name):  # the per-head grid (SPEC §2.4): blocks restart at every head
+                scale_rows = rows // spec.head_size * math.ceil(spec.head_size / block_rows)
+            else:
+                scale_rows = math.ceil(rows / block_rows)
+            scale_shape = (scale_rows, math.ceil(cols / block_cols))
+            out[name] = StoredTensor(unit, part, "fp8", spec.shape, numel)
+            out[name + SCALE_SUFFIX] = StoredTensor(unit, part, "scale", scale_shape, 4 * math.prod(scale_shape))
+        elif spec.float32 or dtype == "fp32":
+            out[name] = StoredTensor(unit, part, "fp32", spec.shape, 4 * numel)
+        else:
+            out[name] = StoredTensor(unit, part, "bf16", spec.shape, 2 * numel)
+    return out
+
+
+def units(config: MiMoConfig, mtp: bool = True) -> list[str]:
+    """The placement units in forward order: embedding, layer.0 .. layer.L-1, head, mtp.0 .."""
+    blocks = config.num_mtp_layers if mtp else 0
+    return (["embedding"] + [f"layer.{i}" for i in range(config.num_hidden_layers)] + ["head"]
+            + [f"mtp.{k}" for k in range(blocks)])
+
+
+def weight_bytes(config: MiMoConfig, weight_dtype: str = "fp8") -> dict[str, int]:
+    """Bytes of every placement unit (FP8 scales included), in forward order."""
+    totals = dict.fromkeys(units(config), 0)
+    for t in stored_tensors(config, weight_dtype).values():
+        totals[t.unit] += t.nbytes
+    return totals
+
+
+def weight_parts(config: MiMoConfig, unit: str, weight_dtype: str = "fp8") -> dict[str, int]:
+    """One unit's bytes split into parts, e.g. layer.1 -> {attention, router, experts, norms}."""
+    parts: dict[str, int] = {}
+    for t in stored_tensors(config, weight_dtype).values():
+        if t.unit == unit:
+            parts[t.part] = parts.get(t.part, 0) + t.nbytes
+    if not parts:
+        raise ValueError(f"unit {unit!r} is not one of {units(config)}")
+    return parts
+
+
+def storage_summary(config: MiMoConfig, weight_dtype: str = "fp8") -> dict[str, int]:
+    """SPEC §5.2 in bytes: main-model bytes by kind ("fp8", "bf16", "fp32", "scale"), then
+    "main", "mtp" and "total"."""
+    summary = {"fp8": 0, "bf16": 0, "fp32": 0, "scale": 0, "main": 0, "mtp": 0}
+    for t in stored_tensors(config, weight_dtype).values():
+        if t.unit.startswith("mtp."):
+            summary["mtp"] += t.nbytes
+        else:
+            summary[t.kind] += t.nbytes
+            summary["main"] += t.nbytes
+    summary["total"] = summary["main"] + summary["mtp"]
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+def kv_bytes_per_layer(config: MiMoConfig, context: int, batch: int = 1, kv_dtype: Any = "bf16",
+                       reserve: int = 0) -> dict[str, int]:
+    """Keys + values each layer and MTP block keeps for `batch` sequences of `context` tokens.
+
+    Global layers keep every token; sliding layers and MTP blocks min(context, window + reserve)
+    (`reserve` = the spare ring slots for rolling back speculative tokens). The main layers sum to
+    `config.kv_cache_bytes(context, kv_dtype, "hybrid", batch, reserve)`.
+    """
+    width = _kv_width(kv_dtype)
+
+    def cache(g) -> int:
+        tokens = context if g.window is None else min(context, g.window + reserve)
+        return batch * tokens * g.num_kv_heads * (g.head_dim + g.v_head_dim) * width
+
+    out = {f"layer.{i}": cache(config.attention(i)) for i in range(config.num_hidden_layers)}
+    out.update({f"mtp.{k}": cache(config.attention(None)) for k in range(config.num_mtp_layers)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """Which device holds which unit, and how full every device is (nothing allocated)."""
+
+    devices: list[str]
+    capacity: list[int]  # bytes per device
+    placement: dict[str, int]  # unit -> device index
+    weights: dict[int, dict[str, int]]  # device index -> {unit: weight bytes}
+    kv: dict[int, int]  # device index -> KV-cache bytes
+    headroom: float = 0.1  # fraction of every device kept free for activations, CUDA context, fragmentation
+    weight_dtype: str = "fp8"
+    kv_dtype: str = "bf16"
+    context: int = 4096
+    batch: int = 1
+    balanced: bool = True  # placement computed here (False: given by the caller)
+    unit_weights: dict[str, int] = field(default_factory=dict, repr=False)
+    unit_kv: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def usable(self, d: int) -> int:
+        return int(self.capacity[d] * (1 - self.headroom))
+
+    def per_device(self) -> list[dict[str, Any]]:
+        rows = []
+        for d, name in enumerate(self.devices):
+            weights, kv = sum(self.weights[d].values()), self.kv[d]
+            rows.append({"name": name, "units": describe_units(list(self.weights[d])), "weights": weights,
+                         "kv": kv, "total": weights + kv, "capacity": self.capacity[d], "usable": self.usable(d),
+                         "free": self.usable(d) - weights - kv, "fits": weights + kv <= self.usable(d)})
+        return rows
+
+    @property
+    def fits(self) -> bool:
+        return all(row["fits"] for row in self.per_device())
+
+    def device_map(self) -> dict[str, str]:
+        """Module prefix -> device name, for a loader ("model.layers.7" -> "cuda:1")."""
+        prefixes = {"embedding": ["model.embed_tokens"], "head": ["model.norm", "lm_head"]}
+        out = {}
+        for unit, d in self.placement.items():
+            kind, _, index = unit.partition(".")
+            names = prefixes.get(unit) or [f"model.layers.{index}" if kind == "layer" else f"model.mtp.layers.{index}"]
+            out.update({name: self.devices[d] for name in names})
+        return out
+
+    def table(self) -> str:
+        rows = self.per_device()
+        head = (f"memory plan: {self.weight_dtype} weights, {self.kv_dtype} KV cache for {self.batch} x "
+                f"{self.context:,} tokens, {len(self.devices)} devices, {self.headroom:.0%} headroom"
+                f"{'' if self.balanced else ', placement given'}")
+        width = max([len(r["units"]) for r in rows] + [12])
+        name_w = max([len(r["name"]) for r in rows] + [6])
+        lines = [head, f"{'device':<{name_w}}  {'units':<{width}}  {'weights':>8}  {'KV':>7}  {'total':>8}  "
+                       f"{'of':>8}  {'used':>6}  fits"]
+        for r in rows:
+            lines.append(f"{r['name']:<{name_w}}  {r['units']:<{width}}  {_gib(r['weights']):>8}  {_gib(r['kv'], 2):>7}  "
+                         f"{_gib(r['total']):>8}  {_gib(r['capacity']):>8}  {_pct(r['total'], r['capacity']):>6}  "
+                         f"{'yes' if r['fits'] else 'NO'}")
+        total = {k: sum(r[k] for r in rows) for k in ("weights", "kv", "total", "capacity")}
+        lines.append(f"{'total':<{name_w}}  {f'{len(self.placement)} units':<{width}}  {_gib(total['weights']):>8}  "
+                     f"{_gib(total['kv'], 2):>7}  {_gib(total['total']):>8}  {_gib(total['capacity']):>8}  "
+                     f"{_pct(total['total'], total['capacity']):>6}  {'yes' if self.fits else 'NO'}")
+        lines.append(f"(GiB; 'used' is total / device memory; a device fits when its total is at most "
+                     f"{1 - self.headroom:.0%} of it)")
+        return "\n".join(lines)
+
+    def check(self) -> "Plan":
+        """Raise PlanError naming every device that overflows, by how much, and what would help."""
+        over = [r for r in self.per_device() if not r["fits"]]
+        if not over:
+            return self
+        lines = [f"the model does not fit: {len(over)} of {len(self.devices)} devices overflow"]
+        for r in over:
+            lines.append(f"  {r['name']} ({r['units']}): needs {_gib(r['total'])} GiB (weights {_gib(r['weights'])} "
+                         f"+ KV {_gib(r['kv'], 2)}) but has {_gib(r['usable'])} GiB usable "
+                         f"({_gib(r['capacity'])} GiB x {1 - self.headroom:.0%}): over by {_gib(-r['free'], 2)} GiB")
+        lines.append("what would help: " + "; ".join(self._hints()))
+        raise PlanError("\n".join(lines))
+
+    def _hints(self) -> list[str]:
+        loads = [self.unit_weights[u] + self.unit_kv.get(u, 0) for u in self.placement]
+        hints = []
+        if not self.balanced and partition(loads, [self.usable(d) for d in range(len(self.devices))]) is not None:
+            hints.append("the balanced placement (placement=None) fits these devices")
+        if len(set(self.capacity)) == 1:
+            usable = self.usable(0)
+            if max(loads) > usable:
+                hints.append(f"one unit alone needs {_gib(max(loads))} GiB: use larger devices")
+            else:
+                n = next(n for n in range(len(self.devices) + 1, len(loads) + 1) if partition(loads, [usable] * n))
+                hints.append(f"more devices: {n} x {_gib(self.capacity[0])} GiB would fit")
+        if self.weight_dtype != "fp8":
+            hints.append(f"fp8 weights (as released) instead of {self.weight_dtype}")
+        kv = sum(self.kv.values())
+        if kv:
+            hints.append(f"a shorter context or smaller batch (the KV cache takes {_gib(kv, 2)} GiB "
+                         f"at {self.batch} x {self.context:,} tokens)")
+        return hints
+
+
+def plan(config_or_path: MiMoConfig | str | Path, *, devices: int | list, device_memory: int | str | list,
+         weight_dtype: str = "fp8", kv_dtype: str = "bf16", context: int = 4096, batch: int = 1,
+         placement: dict[str, int] | None = None, mtp: bool = True, reserve: int | None = None,
+         headroom: float = 0.1) -> Plan:
+    """Place the model's units on `devices` and count every device's bytes; allocates nothing.
+
+    devices: N (-> "cuda:0" .. "cuda:N-1") or a list of names ("cpu", "cuda:1", ...).
+    device_memory: bytes per device: an int, a string ("80GiB", "141GB", "512MiB") or one per device.
+    placement: {unit: device index} to check a given layout; None balances the units contiguously
+        (forward order) so that the fullest device is as empty as possible.
+    mtp: place the MTP blocks (and their caches) too.
+    reserve: spare ring slots per sliding cache for speculative rollback; default one per MTP block.
+    headroom: fraction of each device left out of the budget (activations, CUDA context, fragmentation).
+    """
+    config = config_or_path if isinstance(config_or_path, MiMoConfig) else MiMoConfig.from_pretrained(config_or_path)
+    names = _device_names(devices)
+    capacity = _capacities(device_memory, len(names))
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    if context < 1 or batch < 1:
+        raise ValueError(f"context and batch must be >= 1, got context={context}, batch={batch}")
+    order = units(config, mtp)
+    if reserve is None:
+        reserve = config.num_mtp_layers if mtp else 0
+    unit_weights = {u: b for u, b in weight_bytes(config, weight_dtype).items() if u in order}
+    unit_kv = {u: b for u, b in kv_bytes_per_layer(config, context, batch, kv_dtype, reserve).items() if u in order}
+    usable = [int(c * (1 - headroom)) for c in capacity]
+    if placement is None:
+        loads = [unit_weights[u] + unit_kv.get(u, 0) for u in order]
+        assignment = partition(loads, usable, must_fit=False)
+        placement = dict(zip(order, assignment))
+        balanced = True
+    else:
+        placement = _validate_placement(placement, order, len(names))
+        balanced = False
+    weights = {d: {} for d in range(len(names))}
+    kv = dict.fromkeys(range(len(names)), 0)
+    for unit, d in placement.items():
+        weights[d][unit] = unit_weights[unit]
+        kv[d] += unit_kv.get(unit, 0)
+    return Plan(names, capacity, placement, weights, kv, headroom, _weight_dtype(weight_dtype), str(kv_dtype).removeprefix("torch."),
+                context, batch, balanced, unit_weights, unit_kv)
+
+
+def partition(loads: list[int], usable: list[int], must_fit: bool = True) -> list[int] | None:
+    """Contiguous split of `loads` (in order) over devices (in order, each >= 0 units) minimising the
+    largest load / usable of any device; returns the device index of every load.
+
+    Dynamic programming, exact (fractions): best[d][j] = the smallest worst fill when the first j
+    loads sit on the first d devices = min over i of max(best[d-1][i], fill of device d-1 with loads i..j-1).
+    With must_fit, None when even the best split overflows a device.
+    """
+    n, m = len(loads), len(usable)
+    prefix = [0]
+    for x in loads:
+        prefix.append(prefix[-1] + x)
+    inf = math.inf
+
+    def fill(d: int, i: int, j: int):
+        total = prefix[j] - prefix[i]
+        if total == 0:
+            return Fraction(0)
+        return Fraction(total, usable[d]) if usable[d] > 0 else inf
+
+    best = [[inf] * (n + 1) for _ in range(m + 1)]
+    cut = [[0] * (n + 1) for _ in range(m + 1)]
+    best[0][0] = Fraction(0)
+    for d in range(1, m + 1):
+        for j in range(n + 1):
+            for i in range(j + 1):
+                worst = max(best[d - 1][i], fill(d - 1, i, j))
+                if worst < best[d][j]:
+                    best[d][j], cut[d][j] = worst, i
+    if best[m][n] == inf or (must_fit and best[m][n] > 1):
+        return None
+    assignment, j = [0] * n, n
+    for d in range(m, 0, -1):
+        i = cut[d][j]
+        assignment[i:j] = [d - 1] * (j - i)
+        j = i
+    return assignment
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def parse_memory(value: int | str) -> int:
+    """80 * 2**30 from "80GiB", 141 * 10**9 from "141GB"; an int is bytes already."""
+    if isinstance(value, bool):
+        raise ValueError(f"device memory {value!r} is not a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"device memory must be >= 0 bytes, got {value}")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(value))
+    unit = match and (match.group(2) or "B").lower()
+    if not match or unit not in _MEMORY_UNITS:
+        raise ValueError(f"device memory {value!r}: expected a number and a unit such as '80GiB' (2**30) or "
+                         f"'141GB' (10**9); units {sorted(_MEMORY_UNITS)}")
+    return int(Fraction(match.group(1)) * _MEMORY_UNITS[unit])
+
+
+def describe_units(names: list[str]) -> str:
+    """['embedding', 'layer.0', 'layer.1', 'layer.2', 'head'] -> 'embedding, layers 0-2, head'."""
+    parts: list[str] = []
+    runs: list[list[Any]] = []  # [kind, first, last]
+    for name in names:
+        kind, _, index = name.partition(".")
+        if index and runs and runs[-1][0] == kind and runs[-1][2] == int(index) - 1:
+            runs[-1][2] = int(index)
+        else:
+            runs.append([kind, int(index) if index else None, int(index) if index else None])
+    for kind, first, last in runs:
+        if first is None:
+            parts.append(kind)
+        elif first == last:
+            parts.append(f"{kind} {first}")
+        else:
+            parts.append(f"{kind}s {first}-{last}" if kind == "layer" else f"{kind} {first}-{last}")
+    return ", ".join(parts) or "-"
+
+
+def _global_k_proj(config: MiMoConfig, name: str) -> bool:
+    return (name.startswith("model.layers.") and name.endswith("self_attn.k_proj.weight")
+            and not config.is_sliding(int(name.split(".")[2])))
+
+
+def _weight_dtype(weight_dtype: Any) -> str:
+    name = str(weight_dtype).removeprefix("torch.")
+    if name not in _WEIGHT_ALIASES:
+        raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {WEIGHT_DTYPES}")
+    return _WEIGHT_ALIASES[name]
+
+
+def _kv_width(kv_dtype: Any) -> int:
+    name = str(kv_dtype).removeprefix("torch.")
+    if name not in _KV_WIDTH:
+        raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(_KV_WIDTH)}")
+    return _KV_WIDTH[name]
+
+
+def _device_names(devices: int | list) -> list[str]:
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}")
+        return [f"cuda:{i}" for i in range(devices)]
+    names = [str(d) for d in devices]
+    if not names:
+        raise ValueError("devices is an empty list")
+    return names
+
+
+def _capacities(device_memory: int | str | list, n: int) -> list[int]:
+    if isinstance(device_memory, (list, tuple)):
+        if len(device_memory) != n:
+            raise ValueError(f"device_memory has {len(device_memory)} entries for {n} devices")
+        return [parse_memory(m) for m in device_memory]
+    return [parse_memory(device_memory)] * n
+
+
+def _validate_placement(placement: dict[str, int], order: list[str], n: int) -> dict[str, int]:
+    for unit in placement:
+        if unit not in order:
+            raise ValueError(f"placement names unit {unit!r}, which this model does not have "
+                             f"(units: {describe_units(order)})")
+    for unit in order:
+        if unit not in placement:
+            raise ValueError(f"placement does not assign unit {unit!r} to a device")
+        d = placement[unit]
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < n:
+            raise ValueError(f"placement puts unit {unit!r} on device {d!r}; expected an index in 0..{n - 1}")
+    return {unit: placement[unit] for unit in order}
+
+
+def _gib(n: int, digits: int = 1) -> str:
+    return f"{n / GiB:,.{digits}f}"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{part / whole:.0%}" if whole else "-"
+
+
+__all__ = ["Plan", "PlanError", "StoredTensor", "plan", "partition", "weight_bytes", "weight_parts", "stored_tensors",
+           "storage_summary", "kv_bytes_per_layer", "units", "unit_of", "part_of", "parse_memory", "describe_units"]
