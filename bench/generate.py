@@ -1,6 +1,6 @@
 """CPU generation benchmarks: minimimo's greedy decoding and KV cache against the official transformers model.
 
-    python bench/generate.py            # full run (about 2-3 minutes on 2 cores)
+    python bench/generate.py            # full run (about 1.5-2 minutes on 2 busy cores)
     python bench/generate.py --quick    # smoke run (< 40 s)
     python bench/generate.py --profile  # also profile minimimo decode steps (torch.profiler + cProfile)
 
@@ -196,12 +196,10 @@ def bench_decode(args, config, ours, theirs) -> None:
     for batch in args.batches:
         ids, mask = prompts(batch, p, config.vocab_size, seed=batch)
         with torch.inference_mode():
-            a = ours_generate(ours, ids, mask, n)  # also the warm-up of both
+            a = ours_generate(ours, ids, mask, n)  # the parity run is also the warm-up of both
             b = theirs_generate(theirs, ids, mask, n)
             assert torch.equal(a, b), f"batch {batch}: token ids differ at {first_mismatch(a, b)}"
             assert torch.equal(ours_first_token(ours, ids, mask), a[:, p])
-            for _ in range(args.warmup - 1):
-                ours_generate(ours, ids, mask, n), theirs_generate(theirs, ids, mask, n)
             t = {f"{m}_{k}": [] for m in ("mm", "hf") for k in ("ttft", "total")}
             start, rounds = time.perf_counter(), 0
             while rounds < args.min_rounds or (rounds < args.max_rounds and time.perf_counter() - start < args.budget):
@@ -382,7 +380,6 @@ def main(argv=None) -> None:
     args.prompt = args.prompt or (16 if args.quick else 64)
     args.new = args.new or (16 if args.quick else 128)
     assert args.new >= 2, "--new must be >= 2 (decode = tokens after the first)"
-    args.warmup = 1  # the parity run
     args.min_rounds = 2 if args.quick else 3
     args.max_rounds = 2 if args.quick else 9
     args.budget = 0.0 if args.quick else 40.0  # seconds of timed rounds per batch size (past min_rounds)

@@ -37,6 +37,11 @@ class LayerCache:
 
     def write(self, k, v, positions, slots) -> None:
         """Store the tokens with a position >= 0 (padding is never written) in their slots."""
+        if bool((positions >= 0).all()):  # the common case (decode): one scatter per tensor
+            self.k.scatter_(2, slots[:, None, :, None].expand_as(k), k)
+            self.v.scatter_(2, slots[:, None, :, None].expand_as(v), v)
+            self.pos.scatter_(1, slots, positions)
+            return
         rows, cols = (positions >= 0).nonzero(as_tuple=True)
         slot = slots[rows, cols]
         self.k[rows, :, slot] = k[rows, :, cols]

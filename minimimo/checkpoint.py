@@ -49,6 +49,7 @@ class LoadReport:
     fp8_tensors: int = 0
     grids: dict[str, int] = field(default_factory=dict)  # FP8 row grid kind -> count
     mtp_blocks: int = 0  # MTP blocks loaded (0: drafting unavailable)
+    bytes_read: int = 0  # bytes that left the disk
 
 
 def read_index(directory: Path) -> dict[str, str]:
@@ -74,12 +75,18 @@ def read_index(directory: Path) -> dict[str, str]:
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         progress: bool = True) -> MiMoForCausalLM:
+         progress: bool = True, tensor_parallel: bool = False) -> MiMoForCausalLM:
     """Load a hub-layout checkpoint directory into a MiMoForCausalLM in eval mode.
 
     dtype: compute dtype of the weights; None takes the config's `torch_dtype` (bfloat16 on the
     hub). FP8 weights are dequantized into it; the router stays float32.
+    tensor_parallel: under an initialised process group, return this rank's shard (`parallel.py`).
     """
+    if tensor_parallel:
+        from .parallel import load_tensor_parallel
+
+        return load_tensor_parallel(path, dtype=dtype, device=None if device == "cpu" else device,
+                                    progress=progress)
     directory = Path(path)
     config = MiMoConfig.from_pretrained(directory)
     dtype = _resolve_dtype(dtype, config)
@@ -117,6 +124,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     if missing:  # cannot happen after _check_names; kept so no parameter is ever left unset
         raise CheckpointError(f"{directory}: parameters left unfilled: {missing[:5]}")
     report.mtp_blocks = config.num_mtp_layers
+    report.bytes_read = reader.bytes_read
     model.load_report = report
     return model.eval().requires_grad_(False)
 

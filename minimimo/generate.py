@@ -104,7 +104,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
     next_pos = positions[:, -1] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
     filler = torch.full((b,), -1, dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)
         token = torch.where(done, filler, token)
         yield token
@@ -114,6 +114,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
             done |= hit
             if done.all():
                 return
+        if step == max_new_tokens - 1:
+            return  # the last token needs no forward
         logits = model(token[:, None], positions=next_pos[:, None], cache=cache)[:, -1]
         next_pos = next_pos + 1
 

@@ -79,7 +79,7 @@ class Experts(nn.Module):
         # torch's grouped matmul runs the same sorted slices in one call; on the CPU it takes
         # float32 (bf16 needs 16-byte-aligned strides), and the loop below is its plain twin
         return (self.use_grouped_mm and hasattr(F, "grouped_mm") and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.gate_proj.dtype == torch.float32 and x.shape[0] > 1)
+                and x.dtype == torch.float32 and self.gate_proj.dtype == torch.float32)
 
     def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [n, c], gate_weights / expert_ids [n, k] -> [n, c]."""

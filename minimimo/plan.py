@@ -1,4 +1,60 @@
-"""DOCSTRING PLACEHOLDER"""
+"""Memory planning: does MiMo-V2-Flash fit, and which device holds which layer?
+
+Nothing is allocated here. The planner counts bytes from the tensor shapes (`hub.tensor_specs`),
+so a loader can call `plan(...).check()` before touching a device and stop with a message that
+names the device and the shortfall, instead of a CUDA out-of-memory error at layer 31.
+
+What counts
+-----------
+*Weights*, as they sit in memory. The release stores q/k/v, the dense MLP and every expert as
+1-byte FP8 plus one float32 scale per 128 x 128 block; o_proj, eh_proj, embedding, lm_head, norms
+and sinks as bf16; the router as float32 (SPEC §2.4, §5.2). `storage_summary(MiMoConfig.flash())`:
+
+    FP8 payload    305.87 GB   305.9 B weights x 1 byte, 99% of them experts
+    bf16             5.72 GB   embedding and lm_head (1.25 GB each), 48 o_proj, norms, sinks
+    fp32 router      0.20 GB   47 x (256 x 4096 + 256) x 4 B
+    block scales     0.07 GB   one float32 per 16,384 FP8 weights
+    main model     311.86 GB   + 3 MTP blocks x 0.40 GB = 313.05 GB (291.6 GiB)
+
+The unit that decides everything is the MoE layer: 256 experts x 3 matrices x 2048 x 4096 = 6.44 B
+weights, 6.44 GB in FP8, 12.9 GB in bf16. Dequantized to bf16 the model is 617.7 GB (+ 2.0 GB MTP).
+
+*KV cache* (`kv_bytes_per_layer`). Per sequence and token, a global layer keeps 4 kv heads x
+(192 + 128) channels x 2 B = 2,560 B for every token of the context; a sliding layer and each MTP
+block keep only the last window + reserve tokens (8 x 320 x 2 B x 131 = 0.67 MB, whatever the
+context). 0.1 GiB at 4K tokens; 5.65 GiB per sequence at 256K, nearly all of it in the 9 global layers.
+
+*Not counted*, hence `headroom` (10% of every device by default): activations (the fp32 logits of
+a 4K-token prefill alone are 4096 x 152576 x 4 B = 2.5 GB), the CUDA context, allocator
+fragmentation, communication buffers. "fits" means weights + KV <= 90% of the device.
+
+Why 8 GPUs
+----------
+313 GB is 2.2 H200s (141 GB) or 3.6 GPUs of 80 GiB: in FP8 the weights need at least 3 H200s or
+5 x 80 GiB. Eight 80 GiB GPUs hold them at 46% each and leave the rest to the KV caches of many
+sequences (the official SGLang recipe serves on 8 GPUs with `--mem-fraction-static 0.75`). In bf16,
+620 GB on 8 x 80 GiB fills the fullest GPU to 93% before a single activation: it does not fit
+(10 would); 8 x 141 GB holds bf16 at 57%.
+
+Placement
+---------
+The units, in forward order, are `embedding`, `layer.0` .. `layer.47`, `head` (final norm +
+lm_head) and `mtp.0` .. `mtp.2`. Each device gets a contiguous run of them (pipeline placement:
+whole layers per device, the hidden state [b, t, 4096] crosses at each boundary), and the runs are
+chosen to make the fullest device as empty as possible (`partition`, an exact DP):
+
+    cuda:0  embedding, layers 0-6       38.2 GiB
+    cuda:1  layers 7-12                 36.8 GiB      (six MoE layers, 6.1 GiB each)
+    ...
+    cuda:7  layers 43-47, head, mtp 0-2 32.9 GiB
+
+The MTP blocks read the embedding and lm_head of the main model (shared, not copied): a runtime
+sends them token embeddings from the embedding's device and runs their logits on the head's.
+
+minimimo's own loader (`checkpoint.load`) dequantizes FP8 into the compute dtype, so what it holds
+is the "bf16" (or "fp32") plan; an "fp8" plan describes keeping FP8 weights with their scales and
+dequantizing per matmul, as serving engines and DeepSeek-V3's inference code do.
+"""
 
 from __future__ import annotations
 
@@ -115,14 +171,12 @@ def weight_bytes(config: MiMoConfig, weight_dtype: str = "fp8") -> dict[str, int
     return totals
 
 
-def weight_parts(config: MiMoConfig, unit: str, weight_dtype: str = "fp8") -> dict[str, int]:
-    """One unit's bytes split into parts, e.g. layer.1 -> {attention, router, experts, norms}."""
-    parts: dict[str, int] = {}
+def weight_parts(config: MiMoConfig, weight_dtype: str = "fp8") -> dict[str, dict[str, int]]:
+    """Every unit's bytes split into parts: layer.1 -> {attention, norms, router, experts},
+    layer.0 -> {attention, norms, dense}, mtp.k -> {norms, eh_proj, attention, dense}, ..."""
+    parts: dict[str, dict[str, int]] = {unit: {} for unit in units(config)}
     for t in stored_tensors(config, weight_dtype).values():
-        if t.unit == unit:
-            parts[t.part] = parts.get(t.part, 0) + t.nbytes
-    if not parts:
-        raise ValueError(f"unit {unit!r} is not one of {units(config)}")
+        parts[t.unit][t.part] = parts[t.unit].get(t.part, 0) + t.nbytes
     return parts
 
 
@@ -206,25 +260,26 @@ class Plan:
         return out
 
     def table(self) -> str:
+        """Per-device weights, KV, total and device memory in GiB, the share used, and the units held."""
         rows = self.per_device()
-        head = (f"memory plan: {self.weight_dtype} weights, {self.kv_dtype} KV cache for {self.batch} x "
-                f"{self.context:,} tokens, {len(self.devices)} devices, {self.headroom:.0%} headroom"
-                f"{'' if self.balanced else ', placement given'}")
-        width = max([len(r["units"]) for r in rows] + [12])
-        name_w = max([len(r["name"]) for r in rows] + [6])
-        lines = [head, f"{'device':<{name_w}}  {'units':<{width}}  {'weights':>8}  {'KV':>7}  {'total':>8}  "
-                       f"{'of':>8}  {'used':>6}  fits"]
-        for r in rows:
-            lines.append(f"{r['name']:<{name_w}}  {r['units']:<{width}}  {_gib(r['weights']):>8}  {_gib(r['kv'], 2):>7}  "
-                         f"{_gib(r['total']):>8}  {_gib(r['capacity']):>8}  {_pct(r['total'], r['capacity']):>6}  "
-                         f"{'yes' if r['fits'] else 'NO'}")
         total = {k: sum(r[k] for r in rows) for k in ("weights", "kv", "total", "capacity")}
-        lines.append(f"{'total':<{name_w}}  {f'{len(self.placement)} units':<{width}}  {_gib(total['weights']):>8}  "
-                     f"{_gib(total['kv'], 2):>7}  {_gib(total['total']):>8}  {_gib(total['capacity']):>8}  "
-                     f"{_pct(total['total'], total['capacity']):>6}  {'yes' if self.fits else 'NO'}")
-        lines.append(f"(GiB; 'used' is total / device memory; a device fits when its total is at most "
-                     f"{1 - self.headroom:.0%} of it)")
-        return "\n".join(lines)
+        total.update(name="total", units=f"{len(self.placement)} units", fits=self.fits)
+        name_w = max(len(r["name"]) for r in rows + [total])
+        units_w = max(len(r["units"]) for r in rows + [total])
+
+        def line(r) -> str:
+            return (f"{r['name']:<{name_w}}  {r['units']:<{units_w}}  {_gib(r['weights']):>8}  {_gib(r['kv'], 2):>7}  "
+                    f"{_gib(r['total']):>8}  {_gib(r['capacity']):>8}  {_pct(r['total'], r['capacity']):>5}  "
+                    f"{'yes' if r['fits'] else 'NO'}")
+
+        return "\n".join([
+            f"memory plan: {self.weight_dtype} weights, {self.kv_dtype} KV cache for {self.batch} x "
+            f"{self.context:,} tokens, {len(self.devices)} devices, {self.headroom:.0%} headroom"
+            f"{'' if self.balanced else ', placement given'}",
+            f"{'device':<{name_w}}  {'units':<{units_w}}  {'weights':>8}  {'KV':>7}  {'total':>8}  {'memory':>8}  "
+            f"{'used':>5}  fits",
+            *map(line, rows), line(total),
+            f"(GiB; used = total / memory; a device fits when its total is at most {1 - self.headroom:.0%} of it)"])
 
     def check(self) -> "Plan":
         """Raise PlanError naming every device that overflows, by how much, and what would help."""
@@ -249,14 +304,12 @@ class Plan:
             if max(loads) > usable:
                 hints.append(f"one unit alone needs {_gib(max(loads))} GiB: use larger devices")
             else:
-                n = next(n for n in range(len(self.devices) + 1, len(loads) + 1) if partition(loads, [usable] * n))
-                hints.append(f"more devices: {n} x {_gib(self.capacity[0])} GiB would fit")
+                hints.append(f"more devices: {_devices_needed(loads, usable)} x {_gib(self.capacity[0])} GiB would fit")
         if self.weight_dtype != "fp8":
             hints.append(f"fp8 weights (as released) instead of {self.weight_dtype}")
-        kv = sum(self.kv.values())
-        if kv:
-            hints.append(f"a shorter context or smaller batch (the KV cache takes {_gib(kv, 2)} GiB "
-                         f"at {self.batch} x {self.context:,} tokens)")
+        if any(r["kv"] >= -r["free"] for r in self.per_device() if not r["fits"]):  # dropping KV would help
+            hints.append(f"a shorter context, a smaller batch or kv_dtype='fp8' (the KV cache takes "
+                         f"{_gib(sum(self.kv.values()), 2)} GiB at {self.batch} x {self.context:,} tokens)")
         return hints
 
 
@@ -300,8 +353,8 @@ def plan(config_or_path: MiMoConfig | str | Path, *, devices: int | list, device
     for unit, d in placement.items():
         weights[d][unit] = unit_weights[unit]
         kv[d] += unit_kv.get(unit, 0)
-    return Plan(names, capacity, placement, weights, kv, headroom, _weight_dtype(weight_dtype), str(kv_dtype).removeprefix("torch."),
-                context, batch, balanced, unit_weights, unit_kv)
+    return Plan(names, capacity, placement, weights, kv, headroom, _weight_dtype(weight_dtype),
+                str(kv_dtype).removeprefix("torch."), context, batch, balanced, unit_weights, unit_kv)
 
 
 def partition(loads: list[int], usable: list[int], must_fit: bool = True) -> list[int] | None:
@@ -378,6 +431,17 @@ def describe_units(names: list[str]) -> str:
         else:
             parts.append(f"{kind}s {first}-{last}" if kind == "layer" else f"{kind} {first}-{last}")
     return ", ".join(parts) or "-"
+
+
+def _devices_needed(loads: list[int], usable: int) -> int:
+    """Fewest equal devices holding `loads` contiguously: fill each device until the next unit spills
+    (greedy is optimal for contiguous packing into equal bins). Every load must be <= usable."""
+    n, current = 1, 0
+    for x in loads:
+        if current + x > usable:
+            n, current = n + 1, 0
+        current += x
+    return n
 
 
 def _global_k_proj(config: MiMoConfig, name: str) -> bool:

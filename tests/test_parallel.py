@@ -1,0 +1,96 @@
+"""Tensor and expert parallelism on the CPU: gloo process groups on 127.0.0.1, world sizes 1, 2, 4."""
+
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import minimimo
+from minimimo import MiMoConfig, MiMoForCausalLM
+from minimimo.hub import save_checkpoint, tensor_specs
+from minimimo.parallel import head_shard, local_config, run_local, shard_ranges
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """FP8 (block 16, per-head global k grid), global layers with 1 kv head (< ranks), 3 MTP blocks."""
+    config = MiMoConfig.tiny(num_key_value_heads=1, swa_num_key_value_heads=2, num_mtp_layers=3)
+    model = MiMoForCausalLM(config).init_weights(0)
+    return save_checkpoint(model, tmp_path_factory.mktemp("tp") / "ckpt", dtype=torch.bfloat16, fp8_block=16)
+
+
+@pytest.fixture(scope="module")
+def reference(fp8_checkpoint):
+    model = minimimo.load(fp8_checkpoint, dtype=torch.float32, progress=False)
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model, ids, model(ids), minimimo.generate(model, ids, 10)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_sharded_logits_and_greedy_equal_single_process(fp8_checkpoint, reference, world):
+    model, ids, logits, greedy = reference
+    ranks = run_local(fp8_checkpoint, ids, world, new_tokens=10)
+    single_held = sum(p.numel() * p.element_size() for p in model.parameters())
+    for rank in ranks:
+        torch.testing.assert_close(rank["logits"], logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(rank["ids"], greedy)
+    # what a rank holds and reads: its share of the split tensors plus the replicated ones
+    specs = tensor_specs(model.config)
+    replicated = split = 0
+    for name, spec in specs.items():
+        size = torch.Size(spec.shape).numel() * 4  # held in float32 here
+        if spec.expert is None and shard_ranges(model.config, 0, world)[name] == (None, None):
+            replicated += size
+        else:
+            split += size
+    kv_copies = sum(torch.Size(s.shape).numel() * 4 for n, s in specs.items()
+                    if n.endswith(("k_proj.weight", "v_proj.weight")))  # kv heads replicated when < ranks
+    for rank in ranks:
+        assert rank["held_bytes"] <= replicated + split / world + kv_copies
+        assert world == 1 or rank["held_bytes"] < single_held
+        assert rank["bytes_read"] <= ranks[0]["bytes_read"] * 1.01  # every rank reads its own share only
+    if world > 1:
+        whole = model.load_report.bytes_read
+        assert max(r["bytes_read"] for r in ranks) < whole
+
+
+def test_speculative_greedy_under_tensor_parallel(fp8_checkpoint, reference):
+    """The MTP blocks are sharded like the layers: drafting under TP is still lossless."""
+    model, ids, _, greedy = reference
+    assert torch.equal(minimimo.generate(model, ids, 10, mtp_steps=3), greedy)
+
+
+def test_a_rank_that_dies_makes_the_others_fail_fast(fp8_checkpoint, reference):
+    _, ids, _, _ = reference
+    start = time.perf_counter()
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+        run_local(fp8_checkpoint, ids, 2, timeout_s=15, die_rank=1)
+    assert time.perf_counter() - start < 90
+
+
+def test_world_sizes_that_cannot_split_raise():
+    config = MiMoConfig.tiny()  # 4 query heads, 8 experts
+    with pytest.raises(ValueError, match="query heads cannot be split over 3"):
+        local_config(config, 3)
+    with pytest.raises(ValueError, match="experts cannot be split over 16"):
+        local_config(config.replace(num_attention_heads=16, swa_num_attention_heads=16, intermediate_size=256), 16)
+    with pytest.raises(ValueError, match="kv heads can be neither split"):
+        head_shard(12, 3, 0, 4, "layer")
+
+
+def test_head_shards_replicate_kv_heads_when_fewer_than_ranks():
+    # the real global layers: 64 query heads, 4 kv heads, 8 ranks -> each kv head on 2 ranks
+    shards = [head_shard(64, 4, r, 8, "global") for r in range(8)]
+    assert [(s.q0, s.q1) for s in shards][:2] == [(0, 8), (8, 16)]
+    assert [s.k0 for s in shards] == [0, 0, 1, 1, 2, 2, 3, 3] and all(s.k1 - s.k0 == 1 for s in shards)
+    # the real sliding layers: 8 kv heads over 8 ranks -> one each; k_proj rows 192r..192r+191
+    flash = MiMoConfig.flash()
+    ranges = shard_ranges(flash, 3, 8)
+    assert ranges["model.layers.1.self_attn.k_proj.weight"] == ((576, 768), None)  # cuts a 128-row block
+    assert ranges["model.layers.1.self_attn.o_proj.weight"] == (None, (3 * 8 * 128, 4 * 8 * 128))
+    assert ranges["model.layers.1.mlp.experts.96.up_proj.weight"] == (None, None)  # rank 3 owns 96..127
+    assert ranges["model.layers.1.mlp.experts.95.up_proj.weight"] == "skip"
