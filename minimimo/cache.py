@@ -113,13 +113,14 @@ class HybridCache:
                  max_length: int | None = None, chunk: int = 256, reserve: int = 0):
         self.config = config
         self.layers = []
-        for i in range(config.num_hidden_layers):
+        devices = device if isinstance(device, (list, tuple)) else [device] * config.num_hidden_layers
+        for i, layer_device in enumerate(devices):  # one device per layer when the model is placed
             g = config.attention(i)
             if g.window is not None:
-                self.layers.append(RingLayerCache(g, batch, dtype, device, reserve))
+                self.layers.append(RingLayerCache(g, batch, dtype, layer_device, reserve))
             else:
-                self.layers.append(GlobalLayerCache(g, batch, dtype, device, max_length or chunk, chunk))
-        self.next_positions = torch.zeros(batch, dtype=torch.long, device=device)  # per row
+                self.layers.append(GlobalLayerCache(g, batch, dtype, layer_device, max_length or chunk, chunk))
+        self.next_positions = torch.zeros(batch, dtype=torch.long, device=devices[0])  # per row
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]
@@ -129,12 +130,13 @@ class HybridCache:
         return int(self.next_positions.max())
 
     def advance(self, positions: torch.Tensor) -> None:
-        self.next_positions = torch.maximum(self.next_positions, positions.max(dim=1).values + 1)
+        latest = positions.max(dim=1).values.to(self.next_positions.device) + 1
+        self.next_positions = torch.maximum(self.next_positions, latest)
 
     def truncate(self, keep: torch.Tensor) -> None:
         for layer in self.layers:
-            layer.truncate(keep)
-        self.next_positions = torch.minimum(self.next_positions, keep)
+            layer.truncate(keep.to(layer.pos.device))
+        self.next_positions = torch.minimum(self.next_positions, keep.to(self.next_positions.device))
 
     def nbytes(self) -> int:
         """Bytes of keys and values actually allocated (position bookkeeping not included)."""

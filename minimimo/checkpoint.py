@@ -75,11 +75,20 @@ def read_index(directory: Path) -> dict[str, str]:
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         progress: bool = True, tensor_parallel: bool = False) -> MiMoForCausalLM:
+         progress: bool = True, tensor_parallel: bool = False, devices: list | None = None,
+         placement: dict[str, int] | None = None, weight_dtype: str | None = None,
+         device_memory=None, context: int = 4096) -> MiMoForCausalLM:
     """Load a hub-layout checkpoint directory into a MiMoForCausalLM in eval mode.
 
     dtype: compute dtype of the weights; None takes the config's `torch_dtype` (bfloat16 on the
     hub). FP8 weights are dequantized into it; the router stays float32.
+    devices: place the model over several devices (pipeline style, one process): embedding,
+        layers, head and MTP blocks go to devices by balanced bytes (`plan.py`), or by an explicit
+        `placement` {unit: device index}; activations move between devices in the forward. The
+        plan is checked against `device_memory` (default: each device's memory) before anything
+        is allocated.
+    weight_dtype="fp8": keep the FP8 tensors of the checkpoint in FP8 on their device (`FP8Linear`,
+        dequantized strip by strip inside the matmul); everything else in bfloat16.
     tensor_parallel: under an initialised process group, return this rank's shard (`parallel.py`).
     """
     if tensor_parallel:
@@ -89,19 +98,28 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
                                     progress=progress)
     directory = Path(path)
     config = MiMoConfig.from_pretrained(directory)
-    dtype = _resolve_dtype(dtype, config)
+    if weight_dtype not in (None, "fp8", "bf16", "bfloat16", "fp32", "float32"):
+        raise ValueError(f"weight_dtype {weight_dtype!r} not one of fp8, bf16, fp32")
+    keep_fp8 = weight_dtype == "fp8"
+    if keep_fp8 and dtype not in (None, torch.bfloat16, "bfloat16"):
+        raise ValueError("weight_dtype='fp8' keeps the other tensors in bfloat16; leave dtype unset")
+    dtype = torch.bfloat16 if keep_fp8 else _resolve_dtype(weight_dtype or dtype, config)
     weight_map = read_index(directory)
     specs = tensor_specs(config)
     _check_names(weight_map, specs, directory)
+    device_of = _placement(directory, config, devices, placement, device_memory, keep_fp8, dtype, context, device)
 
     with torch.device("meta"):
         model = MiMoForCausalLM(config)
-    _allocate(model, specs, dtype, torch.device(device))
-    params = dict(model.named_parameters())
+    fp8_names = {n for n in specs if keep_fp8 and n + SCALE_SUFFIX in weight_map}
+    if fp8_names:
+        _use_fp8_storage(model, specs, fp8_names, weight_map, directory, config)
+    _allocate(model, specs, dtype, device_of)
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     filled: set[tuple[str, int | None]] = set()
     report = LoadReport(directory)
 
-    reader = ShardReader(directory, weight_map, device)
+    reader = ShardReader(directory, weight_map, "cpu")
     by_file: dict[str, list[str]] = defaultdict(list)
     for name, file in weight_map.items():
         by_file[file].append(name)
@@ -111,10 +129,14 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
             if name.endswith(SCALE_SUFFIX):
                 continue  # read together with its weight
             spec = specs[name]
-            tensor = read_weight(reader, name, spec, config, dtype, report)
-            target = params[spec.param]
+            reader.device = str(device_of(spec.param))  # straight onto the tensor's device
             with torch.no_grad():
-                (target[spec.expert] if spec.expert is not None else target).copy_(tensor)
+                if name in fp8_names:
+                    fp8, scale = read_fp8(reader, name, spec, config, report)
+                    _slot(targets[spec.param], spec.expert).copy_(fp8)
+                    _slot(targets[spec.param + SCALE_SUFFIX], spec.expert).copy_(scale)
+                else:
+                    _slot(targets[spec.param], spec.expert).copy_(read_weight(reader, name, spec, config, dtype, report))
             filled.add((spec.param, spec.expert))
             report.tensors += 1
         reader.release(file)
@@ -129,6 +151,49 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     return model.eval().requires_grad_(False)
 
 
+def _slot(tensor: torch.Tensor, expert: int | None) -> torch.Tensor:
+    return tensor if expert is None else tensor[expert]
+
+
+def _placement(directory, config, devices, placement, device_memory, keep_fp8, dtype, context, device):
+    """param name -> device: one device, or the units of a checked plan over several."""
+    if devices is None:
+        if placement is not None:
+            raise ValueError("placement needs devices=[...]")
+        return lambda name: torch.device(device)
+    from .plan import plan, unit_of
+
+    if device_memory is None:
+        device_memory = [torch.cuda.get_device_properties(torch.device(d)).total_memory
+                         if torch.device(d).type == "cuda" else 1 << 50 for d in devices]
+    weight_dtype = "fp8" if keep_fp8 else {torch.bfloat16: "bf16", torch.float16: "bf16"}.get(dtype, "fp32")
+    the_plan = plan(config, devices=list(devices), device_memory=device_memory, weight_dtype=weight_dtype,
+                    context=context, placement=placement).check()  # refuses before any allocation
+    names = [torch.device(d) for d in devices]
+    return lambda name: names[the_plan.placement[unit_of(name)]]
+
+
+def _use_fp8_storage(model, specs, fp8_names, weight_map, directory, config) -> None:
+    """Swap the modules whose checkpoint tensors are FP8 to FP8 storage (still on meta)."""
+    from .fp8 import FP8Linear
+
+    block = config.fp8_block
+    reader = ShardReader(directory, weight_map, "cpu")  # shapes only
+    experts_done = set()
+    for name in sorted(fp8_names):
+        spec = specs[name]
+        scale_shape = reader.shape(name + SCALE_SUFFIX)
+        module_name, _, attr = spec.param.rpartition(".")
+        module = model.get_submodule(module_name)
+        if spec.expert is None:
+            parent_name, _, child = module_name.rpartition(".")
+            linear = FP8Linear(module.in_features, module.out_features, scale_shape, block, head_size=spec.head_size)
+            setattr(model.get_submodule(parent_name), child, linear)
+        elif spec.param not in experts_done:
+            module.store_fp8(attr, scale_shape, block)
+            experts_done.add(spec.param)
+
+
 class ShardReader:
     """Opens shards lazily and reads whole tensors or row/column slices (`get_slice`: only the
     requested bytes leave the disk), counting the bytes read. The first open of a file checks its
@@ -136,11 +201,12 @@ class ShardReader:
 
     def __init__(self, directory: Path, weight_map: dict[str, str], device="cpu"):
         self.directory, self.weight_map, self.device = directory, weight_map, str(device)
-        self.handles: dict[str, object] = {}
+        self.handles: dict[tuple[str, str], object] = {}
         self.bytes_read = 0
 
     def handle(self, file: str):
-        if file not in self.handles:
+        key = (file, self.device)
+        if key not in self.handles:
             path = self.directory / file
             try:
                 handle = safe_open(str(path), framework="pt", device=self.device)
@@ -152,11 +218,12 @@ class ShardReader:
                 raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but not in this file")
             for name in sorted(present - listed):
                 raise CheckpointError(f"{path}: tensor {name!r} is in the file but not in the index")
-            self.handles[file] = handle
-        return self.handles[file]
+            self.handles[key] = handle
+        return self.handles[key]
 
     def release(self, file: str) -> None:
-        self.handles.pop(file, None)
+        for key in [k for k in self.handles if k[0] == file]:
+            self.handles.pop(key)
 
     def where(self, name: str) -> Path:
         return self.directory / self.weight_map[name]
@@ -232,6 +299,25 @@ def read_weight(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoCo
     return out.float() if spec.float32 else out
 
 
+def read_fp8(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoConfig, report: LoadReport):
+    """The raw FP8 weight and its float32 scale, checked (shape, dtypes, a grid that explains the scale)."""
+    where = reader.where(name)
+    shape = reader.shape(name)
+    if shape != spec.shape:
+        raise CheckpointError(f"{where}: tensor {name!r} has shape {list(shape)}, the config implies {list(spec.shape)}")
+    fp8, scale = reader.read(name), reader.read(name + SCALE_SUFFIX)
+    if fp8.dtype != FP8 or scale.dtype != torch.float32:
+        raise CheckpointError(f"{where}: tensor {name!r} must be float8_e4m3fn with a float32 scale, got "
+                              f"{fp8.dtype} / {scale.dtype}")
+    try:
+        kind, _ = choose_grid(fp8, scale, config.fp8_block, head_size=spec.head_size, name=name)
+    except ValueError as err:
+        raise CheckpointError(f"{reader.where(name + SCALE_SUFFIX)}: {err}") from None
+    report.fp8_tensors += 1
+    report.grids[kind] = report.grids.get(kind, 0) + 1
+    return fp8, scale
+
+
 def _check_names(weight_map: dict[str, str], specs: dict[str, TensorSpec], directory: Path) -> None:
     for name in specs:
         if name not in weight_map:
@@ -246,14 +332,18 @@ def _check_names(weight_map: dict[str, str], specs: dict[str, TensorSpec], direc
         raise CheckpointError(f"{directory / file}: unexpected tensor {name!r} (the config has no such parameter)")
 
 
-def _allocate(model: MiMoForCausalLM, specs: dict[str, TensorSpec], dtype: torch.dtype, device: torch.device):
-    """Replace every meta parameter by an empty one on `device` (float32 for the router)."""
+def _allocate(model: MiMoForCausalLM, specs: dict[str, TensorSpec], dtype: torch.dtype, device_of) -> None:
+    """Replace every meta tensor by an empty one on its device: parameters in `dtype` (float32 for
+    the router), FP8 storage buffers keeping their own dtype."""
     float32 = {s.param for s in specs.values() if s.float32}
     for module_name, module in model.named_modules():
         for name, p in list(module.named_parameters(recurse=False)):
             full = f"{module_name}.{name}" if module_name else name
-            t = torch.empty(p.shape, dtype=torch.float32 if full in float32 else dtype, device=device)
+            t = torch.empty(p.shape, dtype=torch.float32 if full in float32 else dtype, device=device_of(full))
             setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
+        for name, b in list(module.named_buffers(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            module.register_buffer(name, torch.empty(b.shape, dtype=b.dtype, device=device_of(full)))
 
 
 def _resolve_dtype(dtype, config: MiMoConfig) -> torch.dtype:

@@ -115,3 +115,38 @@ def quantize(weight: torch.Tensor, block: tuple[int, int], *, head_size: int | N
     scale_inv = (amax.clamp_min(1e-12) / FP8_MAX).view(n_rb, n_cb)
     fp8 = (w / scale_inv[row_block][:, col_block]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return fp8, scale_inv
+
+
+class FP8Linear(torch.nn.Module):
+    """A linear layer that keeps its weight in FP8 on the device (1 byte per weight instead of 2)
+    and dequantizes it strip by strip inside the matmul: each strip of `strip_rows` output rows is
+    turned into the activation dtype, multiplied, and dropped, so at most one strip exists in
+    high precision at a time. The row grid (uniform, or per head of `head_size` rows) is read off
+    the scale's shape as at loading."""
+
+    def __init__(self, in_features: int, out_features: int, scale_shape, block: tuple[int, int],
+                 head_size: int | None = None, strip_rows: int = 1024):
+        super().__init__()
+        self.in_features, self.out_features, self.block, self.head_size = in_features, out_features, block, head_size
+        self.strip_rows = max(block[0], strip_rows // block[0] * block[0])
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8))
+        self.register_buffer("weight_scale_inv", torch.empty(tuple(scale_shape), dtype=torch.float32))
+        self._row_block = None
+
+    def row_block(self) -> torch.Tensor:
+        if self._row_block is None:
+            grids = candidate_grids(self.out_features, self.weight_scale_inv.shape[0], self.block[0], self.head_size)
+            self._row_block = next(iter(grids.values())).to(self.weight.device)
+        return self._row_block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.row_block()
+        outs = []
+        for r in range(0, self.out_features, self.strip_rows):
+            strip = slice(r, r + self.strip_rows)
+            w = apply_scales(self.weight[strip], self.weight_scale_inv, rows[strip], self.block[1], x.dtype)
+            outs.append(torch.nn.functional.linear(x, w))
+        return torch.cat(outs, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8 block={self.block}"

@@ -99,7 +99,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
     stop = torch.tensor(sorted(set([stop_token_ids] if isinstance(stop_token_ids, int) else stop_token_ids or [])),
                         dtype=torch.long, device=device)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-    cache = HybridCache(model.config, b, dtype=model.dtype, device=device, max_length=t + max_new_tokens)
+    cache = HybridCache(model.config, b, dtype=model.dtype, device=model.layer_devices(), max_length=t + max_new_tokens)
     logits = model(input_ids, positions=positions, cache=cache)[:, -1]
     next_pos = positions[:, -1] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)

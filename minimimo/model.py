@@ -33,6 +33,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MoE(config) if config.is_moe(layer) else MLP(config.hidden_size, config.intermediate_size)
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_layernorm.weight.device
+
     def forward(self, h, cos, sin, positions, kv_cache=None):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -82,7 +86,14 @@ class MiMoForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
+
+    def logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the residual stream `trunk` returns."""
+        return self.lm_head(self.model.norm(h_last.to(self.model.norm.weight.device)))
+
+    def layer_devices(self) -> list[torch.device]:
+        return [layer.device for layer in self.model.layers]
 
     def forward(
         self,
@@ -111,7 +122,7 @@ class MiMoForCausalLM(nn.Module):
     def hidden_states(self, input_ids, *, positions=None, cache=None, keep_all=False):
         """Runs the stack; returns [final-norm output] or, with keep_all, every hidden state."""
         states = self.trunk(input_ids, positions=positions, cache=cache, keep_all=keep_all)
-        states[-1] = self.model.norm(states[-1])
+        states[-1] = self.model.norm(states[-1].to(self.model.norm.weight.device))
         return states
 
     def trunk(self, input_ids, *, positions=None, cache=None, keep_all=False) -> list[torch.Tensor]:
@@ -121,12 +132,14 @@ class MiMoForCausalLM(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache.next_position
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
-        h = self.model.embed_tokens(input_ids)
+        embed = self.model.embed_tokens
+        h = embed(input_ids.to(embed.weight.device))
         rope = RopeTables(positions, h.dtype)
         states = [h] if keep_all else []
         for i, layer in enumerate(self.model.layers):
-            cos, sin = rope(layer.geometry)
-            h = layer(h, cos, sin, positions, None if cache is None else cache.layer(i))
+            h = h.to(layer.device)  # layers placed on several devices: the activations follow
+            cos, sin = rope(layer.geometry, h.device)
+            h = layer(h, cos, sin, positions.to(h.device), None if cache is None else cache.layer(i))
             if keep_all and i < len(self.model.layers) - 1:
                 states.append(h)
         if cache is not None:

@@ -28,6 +28,8 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
+from .fp8 import FP8, apply_scales, uniform_rows
+
 
 class Router(nn.Module):
     def __init__(self, hidden_size, num_experts, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
@@ -71,7 +73,24 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e applied to x [n, c] -> [n, c]."""
-        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+        gate, up, down = (self.weight(name, e, x.dtype) for name in ("gate_proj", "up_proj", "down_proj"))
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    def weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's matrix; when stored in FP8 (`store_fp8`), dequantized for this call only."""
+        w = getattr(self, name)[e]
+        if w.dtype != FP8:
+            return w
+        rows = uniform_rows(w.shape[0], self.fp8_block[0]).to(w.device)
+        return apply_scales(w, getattr(self, name + "_scale_inv")[e], rows, self.fp8_block[1], dtype)
+
+    def store_fp8(self, name: str, scale_shape, block: tuple[int, int]) -> None:
+        """Keep matrix `name` of every expert as FP8 + per-expert block scales (meta device)."""
+        shape = getattr(self, name).shape
+        delattr(self, name)
+        self.register_buffer(name, torch.empty(shape, dtype=FP8))
+        self.register_buffer(name + "_scale_inv", torch.empty(shape[0], *scale_shape, dtype=torch.float32))
+        self.fp8_block = block
 
     use_grouped_mm = True  # False: always the per-expert loop (the readable twin)
 

@@ -64,12 +64,17 @@ class MTP(nn.Module):
 def mtp_logits(model, k: int, tokens, main_hidden, positions, kv_cache=None) -> torch.Tensor:
     """Logits of MTP block k: tokens [b, t] (the t_{q+k+1}), main_hidden [b, t, c] (the h_q,
     already pre- or post-norm as configured), positions [b, t] (the q)."""
-    block = model.model.mtp.layers[k]
+    block, embed = model.model.mtp.layers[k], model.model.embed_tokens
+    device = block.enorm.weight.device  # blocks may sit on other devices than the embedding and head
+    positions = positions.to(device)
     cos, sin = RopeTables(positions, main_hidden.dtype)(block.geometry)
-    out = block(model.model.embed_tokens(tokens), main_hidden, cos, sin, positions, kv_cache)
-    return model.lm_head(out)
+    token_embedding = embed(tokens.to(embed.weight.device)).to(device)
+    out = block(token_embedding, main_hidden.to(device), cos, sin, positions, kv_cache)
+    return model.lm_head(out.to(model.lm_head.weight.device))
 
 
 def mtp_hidden_input(model, h_pre_norm: torch.Tensor) -> torch.Tensor:
     """The main hidden state the blocks read, per `config.mtp_hidden`."""
-    return h_pre_norm if model.config.mtp_hidden == "pre_norm" else model.model.norm(h_pre_norm)
+    if model.config.mtp_hidden == "pre_norm":
+        return h_pre_norm
+    return model.model.norm(h_pre_norm.to(model.model.norm.weight.device)).to(h_pre_norm.device)

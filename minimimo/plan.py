@@ -51,9 +51,10 @@ chosen to make the fullest device as empty as possible (`partition`, an exact DP
 The MTP blocks read the embedding and lm_head of the main model (shared, not copied): a runtime
 sends them token embeddings from the embedding's device and runs their logits on the head's.
 
-minimimo's own loader (`checkpoint.load`) dequantizes FP8 into the compute dtype, so what it holds
-is the "bf16" (or "fp32") plan; an "fp8" plan describes keeping FP8 weights with their scales and
-dequantizing per matmul, as serving engines and DeepSeek-V3's inference code do.
+A loader that dequantizes FP8 into the compute dtype (as `checkpoint.load` does) holds the "bf16"
+(or "fp32") plan; an "fp8" plan describes keeping FP8 weights with their scales on the device and
+dequantizing per matmul, as serving engines and DeepSeek-V3's inference code do. This is pipeline
+placement; tensor/expert parallelism (`parallel.py`) splits every layer over all ranks instead.
 """
 
 from __future__ import annotations
@@ -303,12 +304,13 @@ class Plan:
             usable = self.usable(0)
             if max(loads) > usable:
                 hints.append(f"one unit alone needs {_gib(max(loads))} GiB: use larger devices")
-            else:
-                hints.append(f"more devices: {_devices_needed(loads, usable)} x {_gib(self.capacity[0])} GiB would fit")
+            elif (needed := _devices_needed(loads, usable)) > len(self.devices):
+                hints.append(f"more devices: {needed} x {_gib(self.capacity[0])} GiB would fit")
         if self.weight_dtype != "fp8":
             hints.append(f"fp8 weights (as released) instead of {self.weight_dtype}")
         if any(r["kv"] >= -r["free"] for r in self.per_device() if not r["fits"]):  # dropping KV would help
-            hints.append(f"a shorter context, a smaller batch or kv_dtype='fp8' (the KV cache takes "
+            fp8_kv = "" if _kv_width(self.kv_dtype) == 1 else " or kv_dtype='fp8'"
+            hints.append(f"a shorter context, a smaller batch{fp8_kv} (the KV cache takes "
                          f"{_gib(sum(self.kv.values()), 2)} GiB at {self.batch} x {self.context:,} tokens)")
         return hints
 

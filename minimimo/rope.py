@@ -42,13 +42,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RopeTables:
-    """cos/sin for one set of positions, computed once per (rotary_dim, theta) and shared."""
+    """cos/sin for one set of positions, computed once per (rotary_dim, theta, device) and shared."""
 
     def __init__(self, positions: torch.Tensor, dtype: torch.dtype):
         self.positions, self.dtype, self.tables = positions, dtype, {}
 
-    def __call__(self, geometry):
-        key = (geometry.rotary_dim, geometry.rope_theta)
+    def __call__(self, geometry, device=None):
+        device = self.positions.device if device is None else device
+        key = (geometry.rotary_dim, geometry.rope_theta, str(device))
         if key not in self.tables:
-            self.tables[key] = rope_cos_sin(self.positions, geometry.rotary_dim, geometry.rope_theta, self.dtype)
+            self.tables[key] = rope_cos_sin(self.positions.to(device), geometry.rotary_dim, geometry.rope_theta,
+                                            self.dtype)
         return self.tables[key]

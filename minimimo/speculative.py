@@ -93,16 +93,17 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
     capacity = width + max_new_tokens + K + 2
     tokens = torch.zeros(b, capacity, dtype=torch.long, device=device)  # by position, no padding
     hidden = torch.zeros(b, capacity, config.hidden_size, dtype=dtype, device=device)  # MTP input per position
-    cache = HybridCache(config, b, dtype=dtype, device=device, max_length=capacity, reserve=K)
-    mtp_caches = [RingLayerCache(block.geometry, b, dtype, device, reserve=K) for block in model.model.mtp.layers]
+    cache = HybridCache(config, b, dtype=dtype, device=model.layer_devices(), max_length=capacity, reserve=K)
+    mtp_caches = [RingLayerCache(block.geometry, b, dtype, block.enorm.weight.device, reserve=K)
+                  for block in model.model.mtp.layers]
 
     # prefill: the prompt through the main model
     positions = positions_from_mask(mask)
     prompt_len = mask.sum(1)
     scatter_rows(tokens, positions, input_ids)
     h = model.trunk(input_ids, positions=positions, cache=cache)[-1]
-    scatter_rows(hidden, positions, mtp_hidden_input(model, h))
-    logits = model.lm_head(model.model.norm(h[:, -1]))
+    scatter_rows(hidden, positions, mtp_hidden_input(model, h.to(device)))
+    logits = model.logits(h[:, -1])
     first = logits.argmax(-1) if temperature == 0 else torch.multinomial(
         distribution(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
     last = prompt_len - 1  # last position with a main hidden state
@@ -121,7 +122,7 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
             pos = ragged_positions(mtp_done[k], last + 1)
             out = mtp_logits(model, k, gather_rows(tokens, (pos + k + 1).where(pos >= 0, pos)),
                              gather_rows(hidden, pos), pos, mtp_caches[k])
-            mtp_caches[k].truncate(last - k + 1)
+            mtp_caches[k].truncate((last - k + 1).to(mtp_caches[k].pos.device))
             mtp_done[k] = torch.maximum(mtp_done[k], last - k + 1)
             draft_logits = out[rows, (last - pos[:, 0]).clamp(0, out.shape[1] - 1)]  # at q = last
             if temperature == 0:
@@ -138,7 +139,7 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
         verify_pos = last[:, None] + 1 + torch.arange(K + 1, device=device)
         verify_ids = torch.cat([tokens[rows, last + 1][:, None], drafts], 1)
         h = model.trunk(verify_ids, positions=verify_pos, cache=cache)[-1]
-        logits = model.lm_head(model.model.norm(h))  # [b, K+1, V]
+        logits = model.logits(h)  # [b, K+1, V]
         if temperature == 0:
             target = logits.argmax(-1)  # [b, K+1]
             accepted = (target[:, :K] == drafts).long().cumprod(1).sum(1)  # [b]
@@ -174,12 +175,12 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
         new_pos = new_pos.where(torch.arange(K + 1, device=device) < count[:, None], -1)
         scatter_rows(tokens, new_pos, new)
         hidden_pos = verify_pos.where(torch.arange(K + 1, device=device) < count[:, None], -1)
-        scatter_rows(hidden, hidden_pos, mtp_hidden_input(model, h))
+        scatter_rows(hidden, hidden_pos, mtp_hidden_input(model, h.to(device)))
         last = last + count
         produced = produced + count
         cache.truncate(last + 1)  # keep t_{last+1} .. d_a; the bonus is the next verify's first token
         for k in range(K):
-            mtp_caches[k].truncate(mtp_done[k])
+            mtp_caches[k].truncate(mtp_done[k].to(mtp_caches[k].pos.device))
 
     new_ids = gather_rows(tokens, (prompt_len[:, None] + torch.arange(max_new_tokens, device=device)))
     filler = torch.full_like(new_ids, -1)

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"  # present in CI, absent in a user's clone
 
-torch.set_num_threads(int(os.environ.get("MINIMIMO_TEST_THREADS", min(2, os.cpu_count() or 1))))
+# one thread: these models are tiny, so threads only add overhead (and stall on a busy machine)
+torch.set_num_threads(int(os.environ.get("MINIMIMO_TEST_THREADS", 1)))
 
 
 def case_dirs() -> list[Path]:

@@ -171,8 +171,20 @@ def test_moe_runs_only_experts_that_received_tokens(monkeypatch):
     moe = MoE(config)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    moe.experts.use_grouped_mm = False  # the per-expert loop (grouped_mm skips empty groups itself)
     calls = []
     original = moe.experts.expert
     monkeypatch.setattr(moe.experts, "expert", lambda e, x: calls.append(e) or original(e, x))
     moe(torch.randn(1, 1, config.hidden_size))
     assert len(calls) == 2
+
+
+def test_grouped_mm_fast_path_equals_the_expert_loop():
+    config = MiMoConfig.tiny(n_routed_experts=16, num_experts_per_tok=4)
+    moe = MoE(config)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 9, config.hidden_size)
+    fast = moe(x)
+    moe.experts.use_grouped_mm = False
+    torch.testing.assert_close(fast, moe(x), atol=1e-5, rtol=1e-5)
