@@ -34,7 +34,8 @@ from .hub import INDEX, SCALE_SUFFIX, TensorSpec, tensor_specs
 from .model import MiMoForCausalLM
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
+          "bf16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):

@@ -4,6 +4,9 @@
     minimimo info --flash                 # the real 309B configuration, parameters, KV memory table
     minimimo generate --prompt "def fib"  # stream a continuation, tokens/s at the end
     minimimo chat                         # interactive chat in the official ChatML format
+    minimimo plan --flash --gpus 8 --gpu-memory 80GiB   # memory plan per device
+    minimimo verify --model PATH          # minimimo vs the official implementation (transformers)
+    torchrun --nproc-per-node N -m minimimo generate --model PATH --prompt ...   # tensor parallel
 
 `--model PATH` picks any hub-layout checkpoint directory; without it, the embedded default
 (`minimimo.default_checkpoint()`).
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,9 +62,25 @@ def cmd_info(args) -> int:
     return 0
 
 
+def load_model(directory: Path, args):
+    """Load for this process: a tensor-parallel shard under torchrun (only rank 0 prints), else placed
+    over --devices (with --weight-dtype), else on one device."""
+    from .parallel import init_from_env
+
+    if init_from_env():
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")  # every rank computes, rank 0 speaks
+        return load(directory, dtype=args.dtype, tensor_parallel=True, progress=False)
+    devices = args.devices.split(",") if getattr(args, "devices", None) else None
+    return load(directory, dtype=None if getattr(args, "weight_dtype", None) == "fp8" else args.dtype,
+                devices=devices, weight_dtype=getattr(args, "weight_dtype", None))
+
+
 def load_with_tokenizer(args):
     directory = Path(args.model) if args.model else default_checkpoint()
-    model = load(directory, dtype=args.dtype)
+    model = load_model(directory, args)
     if not (directory / "tokenizer.json").is_file():
         raise SystemExit(f"{directory}: no tokenizer.json, so text cannot be encoded (use `minimimo demo`)")
     return directory, model, Tokenizer.from_pretrained(directory)
@@ -142,7 +162,7 @@ def cmd_demo(args) -> int:
     directory = Path(args.model) if args.model else default_checkpoint()
     print(f"checkpoint   {directory}")
     t0 = time.perf_counter()
-    model = load(directory, dtype=args.dtype)
+    model = load_model(directory, args)
     report = model.load_report
     print(f"loaded       {report.tensors} tensors from {report.files} files in {time.perf_counter() - t0:.2f}s "
           f"({report.fp8_tensors} FP8, grids {report.grids}, {report.mtp_blocks} MTP blocks)")
@@ -158,9 +178,41 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def add_sampling(p) -> None:
+def cmd_plan(args) -> int:
+    from .plan import PlanError, plan
+
+    source = MiMoConfig.flash() if args.flash or not args.model else args.model
+    the_plan = plan(source, devices=args.gpus, device_memory=args.gpu_memory, weight_dtype=args.weight_dtype,
+                    kv_dtype=args.kv_dtype, context=args.context, batch=args.batch)
+    print(the_plan.table())
+    try:
+        the_plan.check()
+    except PlanError as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """minimimo against the official implementation (transformers) on the same checkpoint."""
+    from .verify import verify
+
+    report = verify(args.model, dtype=args.dtype, devices=args.devices.split(",") if args.devices else None,
+                    weight_dtype=args.weight_dtype, tokens=args.tokens)
+    print(report.summary())
+    return 0 if report.ok(args.atol) else 1
+
+
+def add_model(p) -> None:
     p.add_argument("--model", help="checkpoint directory (hub layout); default: the embedded checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--devices", help="place the layers over these devices, e.g. cuda:0,cuda:1 (or cpu,cpu)")
+    p.add_argument("--weight-dtype", choices=["fp8", "bf16", "fp32"],
+                   help="fp8: keep FP8 weights in FP8 on the device (other tensors bf16)")
+
+
+def add_sampling(p) -> None:
+    add_model(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -189,6 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--think", action="store_true", help="let the model open a <think> block")
     add_sampling(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)
+    p = sub.add_parser("plan", help="memory plan: which device holds what, and does it fit")
+    p.add_argument("--model", help="checkpoint directory or config.json (default: --flash)")
+    p.add_argument("--flash", action="store_true", help="the real MiMo-V2-Flash configuration")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-memory", default="80GiB", help="per device, e.g. 80GiB, 141GB")
+    p.add_argument("--weight-dtype", default="fp8", choices=["fp8", "bf16", "fp32"])
+    p.add_argument("--kv-dtype", default="bf16")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("verify", help="compare with the official implementation (needs transformers)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--devices")
+    p.add_argument("--weight-dtype", choices=["fp8", "bf16", "fp32"])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--atol", type=float, default=1e-3, help="largest logit difference accepted")
+    p.set_defaults(func=cmd_verify)
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
