@@ -136,3 +136,12 @@ class MoE(nn.Module):
         tokens = rearrange(x, "b t c -> (b t) c")
         gate_weights, expert_ids = self.gate(tokens)
         return rearrange(self.experts(tokens, gate_weights, expert_ids), "(b t) c -> b t c", b=b)
+
+
+@torch.no_grad()
+def update_correction_bias_(router: Router, expert_ids: torch.Tensor, rate: float) -> torch.Tensor:
+    """One step of auxiliary-loss-free balancing (training only): every expert's bias moves by
+    `rate` towards the mean load, `bias += rate * sign(mean load - load)`. Returns the load."""
+    load = torch.bincount(expert_ids.flatten(), minlength=router.e_score_correction_bias.shape[0]).float()
+    router.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+    return load

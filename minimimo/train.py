@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .config import MiMoConfig
 from .hub import save_checkpoint
 from .model import MiMoForCausalLM
-from .moe import Router
+from .moe import Router, update_correction_bias_
 from .mtp import mtp_hidden_input, mtp_logits
 from .tokenizer import ENDOFTEXT, save_tokenizer, train_bpe_tokenizer
 
@@ -148,10 +148,8 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        with torch.no_grad():  # auxiliary-loss-free balancing
-            for name, router in routers.items():
-                load = torch.bincount(loads[name].flatten(), minlength=config.n_routed_experts).float()
-                router.e_score_correction_bias += args.bias_rate * torch.sign(load.mean() - load)
+        for name, router in routers.items():  # auxiliary-loss-free balancing
+            update_correction_bias_(router, loads[name], args.bias_rate)
         if step % 25 == 0 or step == args.steps - 1:
             row = {"step": step, "loss": round(main_loss.item(), 4), "mtp": [round(x, 4) for x in mtp.tolist()]}
             history.append(row)
