@@ -77,7 +77,7 @@ def test_world_sizes_that_cannot_split_raise():
     with pytest.raises(ValueError, match="intermediate_size 128 cannot be split over 3"):
         local_config(config, 3)
     with pytest.raises(ValueError, match="query heads cannot be split over 3"):
-        local_config(config.replace(intermediate_size=384), 3)
+        local_config(config.replace(intermediate_size=384, n_routed_experts=6), 3)
     with pytest.raises(ValueError, match="experts cannot be split over 16"):
         local_config(config.replace(num_attention_heads=16, swa_num_attention_heads=16, intermediate_size=256), 16)
     with pytest.raises(ValueError, match="kv heads can be neither split"):
