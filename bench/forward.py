@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import minimimo  # noqa: E402
+from common import check_official_rules, fmt_ms, header, load_average, timed  # noqa: E402
 from minimimo import MiMoConfig, MiMoForCausalLM  # noqa: E402
 from minimimo.hub import save_checkpoint  # noqa: E402
 from minimimo.moe import MoE  # noqa: E402
@@ -59,26 +58,7 @@ MEDIUM = dict(
 FLASH_ROUTER = dict(hidden_size=512, n_routed_experts=256, num_experts_per_tok=8, moe_intermediate_size=128)
 
 
-def check_official_rules(c: MiMoConfig) -> None:
-    """Fail early if the config says something the transformers model would silently not do."""
-    n = c.num_hidden_layers
-    assert c.hybrid_layer_pattern == [0 if (i == 0 or (i + 1) % 6 == 0) else 1 for i in range(n)]
-    assert c.moe_layer_freq == [0] + [1] * (n - 1)
-    assert c.swa_num_key_value_heads == 2 * c.num_key_value_heads
-    assert c.swa_num_attention_heads == c.num_attention_heads
-    assert (c.swa_head_dim, c.swa_v_head_dim) == (c.head_dim, c.v_head_dim)
-    assert (c.rope_theta, c.swa_rope_theta, c.partial_rotary_factor) == (5e6, 1e4, 0.334)
-    assert c.layernorm_epsilon == 1e-5
-    assert int(c.head_dim * c.partial_rotary_factor) % 2 == 0
-
-
 # ------------------------------------------------------------------------------------------- timing
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def race(fns: dict, *, warmup: int, budget_s: float, min_reps: int = 5, max_reps: int = 2000) -> dict:
@@ -98,11 +78,6 @@ def race(fns: dict, *, warmup: int, budget_s: float, min_reps: int = 5, max_reps
         reps += 1
     out = {name: statistics.median(s) for name, s in samples.items()}
     return out | {f"{name}_min": min(s) for name, s in samples.items()} | {"_reps": reps}
-
-
-def fmt_ms(s: float) -> str:
-    ms = s * 1e3
-    return f"{ms:9.3f}" if ms < 10 else f"{ms:9.1f}"
 
 
 # ------------------------------------------------------------------------------------------- naive MoE
@@ -136,34 +111,6 @@ def random_moe(config: MiMoConfig, seed: int) -> MoE:
 
 
 # ------------------------------------------------------------------------------------------- main
-
-
-def header(args) -> None:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    print(f"minimimo {minimimo.__version__} | torch {torch.__version__} | transformers {transformers.__version__} "
-          f"| python {platform.python_version()}")
-    print(f"cpu: {cpu}, {os.cpu_count()} logical cores | torch threads: {torch.get_num_threads()} "
-          f"| dtype float32 | mode: {'quick' if args.quick else 'full'} | {load_average()}")
-    with contextlib.suppress(OSError):
-        if os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1):
-            print("WARNING: other processes keep this machine busy; with several torch threads a descheduled "
-                  "thread stalls every parallel op, so timings (medians most) are inflated and noisy. Compare "
-                  "ratios and minima, or rerun with --threads 1 or on an idle machine.")
-
-
-def load_average() -> str:
-    """Other processes on the machine distort CPU timings (medians most): say how busy it is."""
-    try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "load average unknown"
 
 
 def bench_prefill(args) -> None:
@@ -268,7 +215,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    header(args)
+    header(args, 'with several torch threads a descheduled thread stalls every parallel op, so timings (medians most) are inflated and noisy. Compare ratios and minima, or rerun with --threads 1 or on an idle machine.')
     if not args.skip_prefill:
         bench_prefill(args)
     if not args.skip_moe:

@@ -38,8 +38,6 @@ import argparse
 import contextlib
 import cProfile
 import io
-import os
-import platform
 import pstats
 import statistics
 import sys
@@ -52,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import minimimo  # noqa: E402
+from common import check_official_rules, fmt_ms, header, load_average, timed  # noqa: E402
 from minimimo import HybridCache, MiMoConfig, MiMoForCausalLM  # noqa: E402
 from minimimo.config import human  # noqa: E402
 from minimimo.hub import save_checkpoint  # noqa: E402
@@ -73,19 +72,6 @@ SMALL = dict(
 PAD = 0
 
 
-def check_official_rules(c: MiMoConfig) -> None:
-    """Fail early if the config says something the transformers model would silently not do."""
-    n = c.num_hidden_layers
-    assert c.hybrid_layer_pattern == [0 if (i == 0 or (i + 1) % 6 == 0) else 1 for i in range(n)]
-    assert c.moe_layer_freq == [0] + [1] * (n - 1)
-    assert c.swa_num_key_value_heads == 2 * c.num_key_value_heads
-    assert c.swa_num_attention_heads == c.num_attention_heads
-    assert (c.swa_head_dim, c.swa_v_head_dim) == (c.head_dim, c.v_head_dim)
-    assert (c.rope_theta, c.swa_rope_theta, c.partial_rotary_factor) == (5e6, 1e4, 0.334)
-    assert c.layernorm_epsilon == 1e-5
-    assert int(c.head_dim * c.partial_rotary_factor) % 2 == 0
-
-
 def prompts(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompts [batch, length], left padded: row r has length - r * step real tokens."""
     gen = torch.Generator().manual_seed(seed)
@@ -99,43 +85,6 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------- timing
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def fmt_ms(s: float) -> str:
-    ms = s * 1e3
-    return f"{ms:9.2f}" if ms < 100 else f"{ms:9.1f}"
-
-
-def load_average() -> str:
-    try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        return "load average unknown"
-
-
-def header(args) -> None:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    print(f"minimimo {minimimo.__version__} | torch {torch.__version__} | transformers {transformers.__version__} "
-          f"| python {platform.python_version()}")
-    print(f"cpu: {cpu}, {os.cpu_count()} logical cores | torch threads: {torch.get_num_threads()} "
-          f"| dtype float32 | mode: {'quick' if args.quick else 'full'} | {load_average()}")
-    with contextlib.suppress(OSError):
-        if os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1):
-            print("WARNING: other processes keep this machine busy: timings are inflated and noisy. Compare the "
-                  "ratios (paired ones most), not the absolute figures.")
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -392,7 +341,7 @@ def main(argv=None) -> None:
     hf_logging.disable_progress_bar()
 
     start = time.perf_counter()
-    header(args)
+    header(args, 'timings are inflated and noisy. Compare the ratios (paired ones most), not the absolute figures.')
     config = MiMoConfig.tiny(**SMALL)
     check_official_rules(config)
     counts = config.parameter_counts()

@@ -54,11 +54,7 @@ def tensor_specs(config: MiMoConfig) -> dict[str, TensorSpec]:
     def add(name, shape, **kw):
         specs[name] = TensorSpec(name, shape, **kw)
 
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        g = c.attention(i)
-        add(p + "input_layernorm.weight", (h,))
-        add(p + "post_attention_layernorm.weight", (h,))
+    def add_attention(p, g):
         add(p + "self_attn.q_proj.weight", (g.num_heads * g.head_dim, h), quantizable=True, head_size=g.head_dim)
         add(p + "self_attn.k_proj.weight", (g.num_kv_heads * g.head_dim, h), quantizable=True, head_size=g.head_dim)
         add(p + "self_attn.v_proj.weight", (g.num_kv_heads * g.v_head_dim, h), quantizable=True,
@@ -66,6 +62,13 @@ def tensor_specs(config: MiMoConfig) -> dict[str, TensorSpec]:
         add(p + "self_attn.o_proj.weight", (h, g.num_heads * g.v_head_dim), quantizable=True)
         if g.has_sink:
             add(p + "self_attn.attention_sink_bias", (g.num_heads,))
+
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        g = c.attention(i)
+        add(p + "input_layernorm.weight", (h,))
+        add(p + "post_attention_layernorm.weight", (h,))
+        add_attention(p, g)
         if c.is_moe(i):
             add(p + "mlp.gate.weight", (c.n_routed_experts, h), float32=True)
             add(p + "mlp.gate.e_score_correction_bias", (c.n_routed_experts,), float32=True)
@@ -85,13 +88,7 @@ def tensor_specs(config: MiMoConfig) -> dict[str, TensorSpec]:
         for norm in ("enorm", "hnorm", "input_layernorm", "pre_mlp_layernorm", "final_layernorm"):
             add(p + norm + ".weight", (h,))
         add(p + "eh_proj.weight", (h, 2 * h))
-        add(p + "self_attn.q_proj.weight", (g.num_heads * g.head_dim, h), quantizable=True, head_size=g.head_dim)
-        add(p + "self_attn.k_proj.weight", (g.num_kv_heads * g.head_dim, h), quantizable=True, head_size=g.head_dim)
-        add(p + "self_attn.v_proj.weight", (g.num_kv_heads * g.v_head_dim, h), quantizable=True,
-            head_size=g.v_head_dim)
-        add(p + "self_attn.o_proj.weight", (h, g.num_heads * g.v_head_dim), quantizable=True)
-        if g.has_sink:
-            add(p + "self_attn.attention_sink_bias", (g.num_heads,))
+        add_attention(p, g)
         add(p + "mlp.gate_proj.weight", (c.intermediate_size, h), quantizable=True)
         add(p + "mlp.up_proj.weight", (c.intermediate_size, h), quantizable=True)
         add(p + "mlp.down_proj.weight", (h, c.intermediate_size), quantizable=True)
