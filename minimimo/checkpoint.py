@@ -108,7 +108,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     weight_map = read_index(directory)
     specs = tensor_specs(config)
     _check_names(weight_map, specs, directory)
-    device_of = _placement(directory, config, devices, placement, device_memory, keep_fp8, dtype, context, device)
+    device_of, the_plan = _placement(directory, config, devices, placement, device_memory, keep_fp8, dtype, context,
+                                     device)
 
     with torch.device("meta"):
         model = MiMoForCausalLM(config)
@@ -149,6 +150,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     report.mtp_blocks = config.num_mtp_layers
     report.bytes_read = reader.bytes_read
     model.load_report = report
+    model.plan = the_plan  # the checked memory plan when placed over devices, else None
     return model.eval().requires_grad_(False)
 
 
@@ -161,7 +163,7 @@ def _placement(directory, config, devices, placement, device_memory, keep_fp8, d
     if devices is None:
         if placement is not None:
             raise ValueError("placement needs devices=[...]")
-        return lambda name: torch.device(device)
+        return (lambda name: torch.device(device)), None
     from .plan import plan, unit_of
 
     if device_memory is None:
@@ -171,7 +173,7 @@ def _placement(directory, config, devices, placement, device_memory, keep_fp8, d
     the_plan = plan(config, devices=list(devices), device_memory=device_memory, weight_dtype=weight_dtype,
                     context=context, placement=placement).check()  # refuses before any allocation
     names = [torch.device(d) for d in devices]
-    return lambda name: names[the_plan.placement[unit_of(name)]]
+    return (lambda name: names[the_plan.placement[unit_of(name)]]), the_plan
 
 
 def _use_fp8_storage(model, specs, fp8_names, weight_map, directory, config) -> None:
