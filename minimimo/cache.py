@@ -13,7 +13,8 @@ batch with left padding (padding tokens have position -1 and are never written),
 than the window and rows that advance at different speeds all use one mask rule. Rolling back
 speculative tokens is `truncate(keep)`: forget every position >= keep. For the ring to survive
 that, it must not have overwritten anything still needed: a ring with `reserve = k` extra slots
-(W + k in all) can take a block of k + 1 speculative tokens and roll back any of them.
+(W + k in all) can take a verify block of k + 1 tokens (the verified token + k drafts) and roll
+back any of the k drafts (rolling back the first token too would need k + 1 spare slots).
 
 Memory per sequence in bf16 for MiMo-V2-Flash (`MiMoConfig.kv_cache_bytes`):
     global:  9 layers x 4 kv heads x (192 + 128) x 2 B = 23,040 B per token, growing with context
@@ -105,8 +106,8 @@ class HybridCache:
     """One cache per decoder layer: ring buffers for sliding layers, growing buffers for global ones.
 
     max_length preallocates the global layers (e.g. prompt + new tokens), otherwise they grow in
-    chunks; reserve adds slots to every ring so that `reserve + 1` speculative tokens can be
-    rolled back (MTP drafting).
+    chunks; reserve adds slots to every ring so that a verify block of `reserve` drafts after a
+    verified token can be rolled back (MTP drafting).
     """
 
     def __init__(self, config: MiMoConfig, batch: int = 1, *, dtype=torch.float32, device="cpu",

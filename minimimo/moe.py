@@ -17,6 +17,9 @@ Routing (layers 1..47; 256 experts, 8 chosen, no shared expert):
 
 Dispatch: the n*k (token, expert) pairs are sorted by expert, so every expert that received
 tokens runs one matmul over a contiguous slice; experts that received none are never touched.
+On the CPU in float32, torch's `grouped_mm` runs all those slices in one call per projection;
+the per-expert loop is its readable twin (and the path for bf16, FP8-stored experts and CUDA,
+where this file has not been measured).
 Outputs are weighted in float32 and summed over the k choices before one cast back (in bfloat16
 rounding per expert instead would flip downstream expert choices).
 """
@@ -95,8 +98,8 @@ class Experts(nn.Module):
     use_grouped_mm = True  # False: always the per-expert loop (the readable twin)
 
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
-        # torch's grouped matmul runs the same sorted slices in one call; on the CPU it takes
-        # float32 (bf16 needs 16-byte-aligned strides), and the loop below is its plain twin
+        # torch's grouped matmul runs the same sorted slices in one call. Used on the CPU in float32
+        # only (bf16 needs 16-byte-aligned strides; CUDA untested here); the loop is its plain twin
         return (self.use_grouped_mm and hasattr(F, "grouped_mm") and x.device.type == "cpu"
                 and x.dtype == torch.float32 and self.gate_proj.dtype == torch.float32)
 
