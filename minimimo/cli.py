@@ -71,7 +71,7 @@ def load_model(directory: Path, args):
         import torch.distributed as dist
 
         if dist.get_rank() != 0:
-            sys.stdout = open(os.devnull, "w")  # every rank computes, rank 0 speaks
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # every rank computes, rank 0 speaks
         return load(directory, dtype=args.dtype, tensor_parallel=True, progress=False)
     devices = args.devices.split(",") if getattr(args, "devices", None) else None
     return load(directory, dtype=None if getattr(args, "weight_dtype", None) == "fp8" else args.dtype,

@@ -7,12 +7,17 @@ sinks, a dense layer 0 then MoE layers with the sigmoid router, and three MTP bl
 the MTP loss. The data is the source code of the running interpreter's standard library (on
 every machine, no download); the tokenizer is a byte-level BPE trained on it with `tokenizers`.
 
-Training recipe (the paper's, scaled down):
+Training recipe (the paper's, scaled down), phase 1:
 * loss = CE(main next token) + mtp_weight * mean_k CE(MTP block k predicts token q + k + 2);
 * AdamW (betas 0.9 / 0.95, weight decay 0.1), linear warm-up then cosine decay;
 * auxiliary-loss-free balancing: after every step each router's `e_score_correction_bias` moves
   by `bias_rate * sign(mean load - load)` — under-used experts become easier to choose. The
   bias never gets a gradient and never changes the expert weights, only the choice.
+
+Phase 2 (`distill_mtp`) freezes the main model, read back from the phase-1 checkpoint, and trains
+only the MTP blocks to match the main model's own next-token distributions (KL divergence): a
+drafter is judged by agreement with the model it drafts for, and a small model's MTP blocks
+trained on corpus tokens alone agree with it too rarely (mean acceptance ~2.0 at k = 3).
 
 The checkpoint is written in the official hub layout (config.json, index, per-layer shards,
 `model_mtp.safetensors`, tokenizer.json) in bfloat16, with a `training.json` of what was done.
@@ -83,6 +88,54 @@ def mtp_loss(model, ids: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:
     return torch.stack(losses)
 
 
+def distill_mtp(directory: Path, texts: list[str], *, steps: int, batch: int, seq: int, lr: float, seed: int) -> list:
+    """Phase 2: teach the MTP blocks to agree with the main model they draft for.
+
+    The main model (frozen) is read back from the phase-1 checkpoint; block k at position q learns
+    the main model's own next-token distribution at q + k + 1 (KL divergence) instead of the
+    corpus token. Greedy drafting is judged by agreement with the main model, so this is the
+    target that raises the acceptance length (self-distillation, as EAGLE-style drafters do)."""
+    from .checkpoint import load
+    from .tokenizer import Tokenizer
+
+    model = load(directory, dtype=torch.float32, progress=False)
+    tokenizer = Tokenizer.from_pretrained(directory)
+    eot = tokenizer.token_id(ENDOFTEXT)
+    ids = []
+    for encoding in tokenizer.backend.encode_batch(texts):
+        ids += encoding.ids + [eot]
+    data = torch.tensor(ids, dtype=torch.long)
+    model.requires_grad_(False)
+    mtp_params = list(model.model.mtp.parameters())
+    for p in mtp_params:
+        p.requires_grad_(True)
+    model.train()
+    optimizer = torch.optim.AdamW(mtp_params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    history = []
+    for step in tqdm(range(steps), desc="distilling MTP", unit="step"):
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        tokens = torch.stack([data[s:s + seq] for s in starts.tolist()])
+        with torch.no_grad():
+            h_last = model.trunk(tokens)[-1]
+            teacher = model.logits(h_last).log_softmax(-1)  # [b, t, V]: main's next-token distribution
+        hidden = mtp_hidden_input(model, h_last)
+        losses = []
+        for k in range(model.config.num_mtp_layers):
+            n = seq - k - 1
+            positions = torch.arange(n).expand(batch, n)
+            student = mtp_logits(model, k, tokens[:, k + 1:k + 1 + n], hidden[:, :n], positions).log_softmax(-1)
+            losses.append(F.kl_div(student, teacher[:, k + 1:k + 1 + n], log_target=True, reduction="batchmean") / n)
+        loss = torch.stack(losses).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == steps - 1:
+            history.append({"step": step, "kl": [round(x.item(), 4) for x in losses]})
+    model.eval()
+    return model, history
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "checkpoints" / "mimo-tiny-python"))
@@ -96,8 +149,20 @@ def main(argv=None) -> int:
     p.add_argument("--bias-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)  # one thread: steady on a shared machine
+    p.add_argument("--distill-steps", type=int, default=800, help="phase 2: MTP self-distillation steps (0: skip)")
+    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--distill-only", action="store_true",
+                   help="run phase 2 only, on the phase-1 checkpoint already in --out")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    if args.distill_only:
+        out = Path(args.out)
+        summary = json.loads((out / "training.json").read_text())
+        distill_phase(out, stdlib_sources(args.corpus_chars), args, summary)
+        (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"distilled the MTP blocks of {out}")
+        return 0
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -159,13 +224,25 @@ def main(argv=None) -> int:
     out = Path(args.out)
     save_checkpoint(model, out, dtype=torch.bfloat16, layout="hub")
     save_tokenizer(tokenizer, out)
-    (out / "training.json").write_text(json.dumps({
+    summary = {
         "what": "minimimo.train: small MiMo (full architecture) on the interpreter's stdlib source",
         "args": vars(args), "corpus_files": len(texts), "corpus_tokens": len(data),
-        "parameters": counts, "minutes": round((time.perf_counter() - start) / 60, 1), "history": history,
-    }, indent=1) + "\n")
+        "parameters": counts, "minutes_phase1": round((time.perf_counter() - start) / 60, 1), "history": history,
+    }
+    if args.distill_steps:  # phase 2 starts from the checkpoint on disk, as `--distill-only` does
+        distill_phase(out, texts, args, summary)
+    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out} in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
+
+
+def distill_phase(out: Path, texts: list[str], args, summary: dict) -> None:
+    start = time.perf_counter()
+    model, history = distill_mtp(out, texts, steps=args.distill_steps, batch=args.batch, seq=args.seq,
+                                 lr=args.distill_lr, seed=args.seed)
+    save_checkpoint(model, out, dtype=torch.bfloat16, layout="hub")
+    summary["distill_history"] = history
+    summary["minutes_phase2"] = round((time.perf_counter() - start) / 60, 1)
 
 
 if __name__ == "__main__":

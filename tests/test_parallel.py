@@ -96,3 +96,22 @@ def test_head_shards_replicate_kv_heads_when_fewer_than_ranks():
     assert ranges["model.layers.1.self_attn.o_proj.weight"] == (None, (3 * 8 * 128, 4 * 8 * 128))
     assert ranges["model.layers.1.mlp.experts.96.up_proj.weight"] == (None, None)  # rank 3 owns 96..127
     assert ranges["model.layers.1.mlp.experts.95.up_proj.weight"] == "skip"
+
+
+def test_generate_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m minimimo generate` prints what one process prints."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed beside this python")
+    args = ["-m", "minimimo", "generate", "--prompt", "def main():", "--max-new-tokens", "12", "--no-stop"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIMIMO_HOME": str(tmp_path)}
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", *args],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.startswith("def main():")
