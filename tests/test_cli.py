@@ -14,12 +14,19 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_demo_is_the_main_job(home, capsys):
+def test_demo_is_the_main_job(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "grids {'uniform'" in out and "new tokens, decode" in out
-    folder = next(home.iterdir())
+    assert "mimo-tiny-python" in out and "3 MTP blocks" in out and "new tokens, decode" in out
+
+
+def test_demo_on_the_random_fp8_checkpoint_the_package_writes(home, capsys):
+    from minimimo.defaults import demo_checkpoint
+
+    folder = demo_checkpoint()  # the stand-in used when no bundled checkpoint is installed
     assert (folder / "model_1_linear_fc1.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert main(["demo", "--model", str(folder)]) == 0
+    assert "grids {'uniform'" in capsys.readouterr().out
 
 
 def test_info_flash_prints_exact_counts_and_memory():
