@@ -3,8 +3,9 @@
     python bench/mtp.py            # full run (a few minutes on 2 cores)
     python bench/mtp.py --quick    # smoke run
 
-For k = 1, 2, 3 drafted tokens per cycle, on held-out Python (this repository's own code, which
-the model never saw: it was trained on the interpreter's standard library), greedy, batch 1:
+For k = 1, 2, 3 drafted tokens per cycle, on held-out Python (`bench/heldout_code.py`, ordinary
+code written for this repository; the model was trained on the interpreter's standard library),
+greedy, batch 1:
   * mean acceptance length (tokens produced per main-model forward; k + 1 at most),
   * decode tokens/s of plain decoding and of speculative decoding, measured interleaved in one
     run, and their ratio (the wall-clock speed-up),
@@ -28,17 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def held_out_prompts(tokenizer, n_prompts: int, prompt_tokens: int) -> list[list[int]]:
-    """Prompts cut from this repository's own code (tests/ and bench/), never in the training set."""
-    files = sorted((REPO / "tests").glob("test_*.py")) + sorted((REPO / "bench").glob("*.py"))
-    prompts = []
-    for file in files:
-        ids = tokenizer.encode(file.read_text())
-        if len(ids) > prompt_tokens + 50:
-            start = len(ids) // 3
-            prompts.append(ids[start:start + prompt_tokens])
-        if len(prompts) == n_prompts:
-            break
-    return prompts
+    """Prompts cut at evenly spaced places of bench/heldout_code.py (written here, never trained on)."""
+    ids = tokenizer.encode((REPO / "bench" / "heldout_code.py").read_text())
+    usable = len(ids) - prompt_tokens - 64
+    starts = [usable * i // max(1, n_prompts - 1) for i in range(n_prompts)]
+    return [ids[s:s + prompt_tokens] for s in starts]
 
 
 def timed(fn):
@@ -62,7 +57,7 @@ def main(argv=None) -> int:
     prompts = held_out_prompts(tokenizer, n_prompts, 96)
     print(f"minimimo {minimimo.__version__} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"checkpoint {directory.name} | {model.config.num_mtp_layers} MTP blocks")
-    print(f"{len(prompts)} held-out prompts of 96 tokens (this repo's code), {new_tokens} new tokens, greedy, "
+    print(f"{len(prompts)} held-out prompts of 96 tokens (bench/heldout_code.py), {new_tokens} new tokens, greedy, "
           f"batch 1, {rounds} interleaved rounds")
 
     times = {k: [] for k in range(4)}

@@ -241,6 +241,8 @@ def distill_phase(out: Path, texts: list[str], args, summary: dict) -> None:
     model, history = distill_mtp(out, texts, steps=args.distill_steps, batch=args.batch, seq=args.seq,
                                  lr=args.distill_lr, seed=args.seed)
     save_checkpoint(model, out, dtype=torch.bfloat16, layout="hub")
+    summary["distill_args"] = {"steps": args.distill_steps, "lr": args.distill_lr, "batch": args.batch,
+                               "seq": args.seq, "seed": args.seed}
     summary["distill_history"] = history
     summary["minutes_phase2"] = round((time.perf_counter() - start) / 60, 1)
 
