@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     save_tokenizer(tokenizer, out)
     summary = {
         "what": "minimimo.train: small MiMo (full architecture) on the interpreter's stdlib source",
-        "args": vars(args), "corpus_files": len(texts), "corpus_tokens": len(data),
+        "args": {**vars(args), "out": args.out if not Path(args.out).is_absolute() else Path(args.out).name},
+        "corpus_files": len(texts), "corpus_tokens": len(data),
         "parameters": counts, "minutes_phase1": round((time.perf_counter() - start) / 60, 1), "history": history,
     }
     if args.distill_steps:  # phase 2 starts from the checkpoint on disk, as `--distill-only` does
