@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import tempfile
 import platform
 import time
 from pathlib import Path
@@ -11,7 +13,8 @@ from pathlib import Path
 import torch
 
 import minimimo
-from minimimo import MiMoConfig
+from minimimo import MiMoConfig, MiMoForCausalLM
+from minimimo.hub import save_checkpoint
 from minimimo.verify import official_rule_warnings
 
 
@@ -56,3 +59,20 @@ def header(args, busy_hint: str) -> None:
     with contextlib.suppress(OSError):
         if os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1):
             print(f"WARNING: other processes keep this machine busy: {busy_hint}")
+
+
+def official_and_ours(config: MiMoConfig, layout: str = "hub"):
+    """Random weights written once (float32); loaded by minimimo and by transformers, which must
+    report no loading problem. -> (minimimo model, transformers model)."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="minimimo-bench-") as tmp:
+        save_checkpoint(MiMoForCausalLM(config).init_weights(seed=0), tmp, dtype=torch.float32, layout=layout)
+        ours = minimimo.load(tmp, dtype=torch.float32, progress=False)
+        with contextlib.redirect_stderr(io.StringIO()):
+            theirs, info = AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        theirs.eval()
+    problems = {k: v for k, v in info.items() if v}
+    assert not problems, f"transformers reported loading problems: {problems}"
+    return ours, theirs

@@ -19,11 +19,8 @@ Ratios > 1 mean minimimo is faster.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import minimimo  # noqa: E402
-from common import check_official_rules, fmt_ms, header, load_average, timed  # noqa: E402
-from minimimo import MiMoConfig, MiMoForCausalLM  # noqa: E402
-from minimimo.hub import save_checkpoint  # noqa: E402
+from common import check_official_rules, official_and_ours, fmt_ms, header, load_average, timed  # noqa: E402
+from minimimo import MiMoConfig  # noqa: E402
 from minimimo.moe import MoE  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- configs
@@ -114,7 +110,6 @@ def random_moe(config: MiMoConfig, seed: int) -> MoE:
 
 
 def bench_prefill(args) -> None:
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -132,15 +127,7 @@ def bench_prefill(args) -> None:
           f"(moe_intermediate {config.moe_intermediate_size}), vocab {config.vocab_size}; "
           f"{minimimo.config.human(counts['total'])} params, {minimimo.config.human(counts['active'])} active")
 
-    with tempfile.TemporaryDirectory(prefix="minimimo-bench-") as tmp:
-        save_checkpoint(MiMoForCausalLM(config).init_weights(seed=0), tmp, dtype=torch.float32, layout="hub")
-        ours = minimimo.load(tmp, dtype=torch.float32, progress=False)
-        with contextlib.redirect_stderr(io.StringIO()):
-            theirs, info = AutoModelForCausalLM.from_pretrained(
-                tmp, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
-        theirs.eval()
-    problems = {k: v for k, v in info.items() if v}
-    assert not problems, f"transformers reported loading problems: {problems}"
+    ours, theirs = official_and_ours(config, layout="hub")
     print(f"transformers: {type(theirs).__name__}, attn_implementation={theirs.config._attn_implementation!r}, "
           f"experts implementation (its default) = {theirs.config._experts_implementation!r}")
 

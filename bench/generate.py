@@ -35,13 +35,11 @@ machine and, on a busy one, every op waits for a descheduled thread (steps 10-50
 from __future__ import annotations
 
 import argparse
-import contextlib
-import cProfile
 import io
+import cProfile
 import pstats
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,10 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import minimimo  # noqa: E402
-from common import check_official_rules, fmt_ms, header, load_average, timed  # noqa: E402
-from minimimo import HybridCache, MiMoConfig, MiMoForCausalLM  # noqa: E402
+from common import check_official_rules, official_and_ours, fmt_ms, header, load_average, timed  # noqa: E402
+from minimimo import HybridCache, MiMoConfig  # noqa: E402
 from minimimo.config import human  # noqa: E402
-from minimimo.hub import save_checkpoint  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -92,17 +89,7 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.Tenso
 
 def build_models(config: MiMoConfig):
     """Random weights -> save_checkpoint (float32) -> (minimimo model, transformers model)."""
-    from transformers import AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory(prefix="minimimo-bench-") as tmp:
-        save_checkpoint(MiMoForCausalLM(config).init_weights(seed=0), tmp, dtype=torch.float32, layout="single")
-        ours = minimimo.load(tmp, dtype=torch.float32, progress=False).eval()
-        with contextlib.redirect_stderr(io.StringIO()):
-            theirs, info = AutoModelForCausalLM.from_pretrained(
-                tmp, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
-        theirs.eval()
-    problems = {k: v for k, v in info.items() if v}
-    assert not problems, f"transformers reported loading problems: {problems}"
+    ours, theirs = official_and_ours(config, layout="single")
     return ours, theirs
 
 

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .config import MiMoConfig
-from .fp8 import FP8, candidate_grids, choose_grid
+from .fp8 import FP8, apply_scales, candidate_grids, choose_grid
 from .hub import INDEX, SCALE_SUFFIX, TensorSpec, tensor_specs
 from .model import MiMoForCausalLM
 
@@ -295,8 +295,7 @@ def read_weight(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoCo
     scale = reader.read(scale_name, (s_r0, s_r1), (s_c0, s_c1))
     if scale.dtype != torch.float32:
         raise CheckpointError(f"{reader.where(scale_name)}: tensor {scale_name!r} must be float32, got {scale.dtype}")
-    col_block = torch.arange(c0, c1) // block_c - s_c0
-    out = (tensor.float() * scale[(row_block - s_r0).to(scale.device)][:, col_block.to(scale.device)]).to(dtype)
+    out = apply_scales(tensor, scale, row_block - s_r0, block_c, dtype, first_col=c0)
     report.fp8_tensors += 1
     report.grids[kind] = report.grids.get(kind, 0) + 1
     return out.float() if spec.float32 else out

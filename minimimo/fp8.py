@@ -96,9 +96,13 @@ def dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int
 
 
 def apply_scales(fp8: torch.Tensor, scale_inv: torch.Tensor, row_block: torch.Tensor, col_block_size: int,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """float32(fp8) * the scale of each element's block (row grid given), rounded to float32."""
-    col_block = torch.arange(fp8.shape[1], device=scale_inv.device) // col_block_size
+                 dtype: torch.dtype = torch.float32, first_col: int = 0) -> torch.Tensor:
+    """float32(fp8) * the scale of each element's block (row grid given), rounded to float32.
+
+    For a column slice starting at `first_col`, scale_inv holds the scale columns from the block of
+    `first_col` on (what a tensor-parallel rank reads)."""
+    cols = torch.arange(first_col, first_col + fp8.shape[1], device=scale_inv.device)
+    col_block = cols // col_block_size - first_col // col_block_size
     scale = scale_inv[row_block.to(scale_inv.device)][:, col_block]  # [rows, cols]
     return (fp8.float() * scale).to(dtype)
 

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
-from .checkpoint import CheckpointError, LoadReport, ShardReader, _check_names, _resolve_dtype, read_index, read_weight
+from .checkpoint import (CheckpointError, LoadReport, ShardReader, _allocate, _check_names, _resolve_dtype,
+                         read_index, read_weight)
 from .config import MiMoConfig
 from .hub import tensor_specs
 from .model import MiMoForCausalLM
@@ -186,12 +187,7 @@ def load_tensor_parallel(path: str | Path, *, dtype=None, device=None, progress:
             o = block.self_attn.o_proj
             block.self_attn.o_proj = AllReduceLinear(o.in_features, o.out_features, bias=False)
             block.mlp.down_proj = AllReduceLinear(block.mlp.down_proj.in_features, config.hidden_size, bias=False)
-    float32 = {s.param for s in specs.values() if s.float32}
-    for module_name, module in model.named_modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            full = f"{module_name}.{name}" if module_name else name
-            t = torch.empty(p.shape, dtype=torch.float32 if full in float32 else dtype, device=device)
-            setattr(module, name, nn.Parameter(t, requires_grad=False))
+    _allocate(model, specs, dtype, lambda name: torch.device(device))
 
     params = dict(model.named_parameters())
     reader = ShardReader(directory, weight_map, device)
