@@ -18,15 +18,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import dtypes
+
 SCORING_FUNCS = ("sigmoid",)
 TOPK_METHODS = ("noaux_tc",)
 ACTIVATIONS = ("silu",)
 MTP_PREFIX = "model.mtp.layers."
 
 
-def _flash_layer_pattern(num_layers: int) -> list[int]:
-    """1 = sliding window, 0 = global: global at layer 0 and every sixth layer (5, 11, ..., 47)."""
+def flash_layer_pattern(num_layers: int) -> list[int]:
+    """1 = sliding window, 0 = global: global at layer 0 and every sixth layer (5, 11, ..., 47).
+
+    The one place this rule is written. The hub config spells it out as `hybrid_layer_pattern`;
+    transformers' MiMoV2FlashConfig builds its default `layer_types` from the same rule.
+    """
     return [0 if (i == 0 or (i + 1) % 6 == 0) else 1 for i in range(num_layers)]
+
+
+# Keys a `config.json` may leave out, and what their absence means in the hub's config format.
+# Every other field shapes the computation (a size, the layer rule, the window, the position
+# limit, a constant of the math) and must be present: taking MiMo-V2-Flash's value for a missing
+# `sliding_window_size` would silently run a window-32 model with window 128.
+OPTIONAL_KEYS = {
+    "quantization_config": "absent: the weights are not quantized",
+    "torch_dtype": "the shards' own dtypes are what is read",
+    "bos_token_id": "token ids belong to the tokenizer",
+    "eos_token_id": "token ids belong to the tokenizer",
+    "pad_token_id": "token ids belong to the tokenizer",
+    "n_shared_experts": "absent or null: no shared expert",
+    "routed_scaling_factor": "absent or null: 1.0 (the release stores null)",
+    "num_mtp_layers": "`num_nextn_predict_layers`; counted from the index when absent",
+    "mtp_hidden": "not a hub key",
+    "mtp_sliding_window": "not a hub key",
+}
+ALIASES = {  # hub spelling -> the field it fills, when the field's own key is absent
+    "rms_norm_eps": "layernorm_epsilon",
+    "num_nextn_predict_layers": "num_mtp_layers",
+    "sliding_window": "sliding_window_size",
+    "dtype": "torch_dtype",
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +93,7 @@ class MiMoConfig:
     swa_num_key_value_heads: int = 8
     swa_head_dim: int = 192
     swa_v_head_dim: int = 128
-    hybrid_layer_pattern: list[int] = field(default_factory=lambda: _flash_layer_pattern(48))
+    hybrid_layer_pattern: list[int] = field(default_factory=lambda: flash_layer_pattern(48))
     moe_layer_freq: list[int] = field(default_factory=lambda: [0] + [1] * 47)
     sliding_window_size: int = 128
     rope_theta: float = 5_000_000.0
@@ -107,17 +137,22 @@ class MiMoConfig:
     # ------------------------------------------------------------------ reading and writing
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "MiMoConfig":
+        """The config a hub `config.json` describes. A key that shapes the computation and is
+        missing raises a ValueError naming it (see OPTIONAL_KEYS for the ones that may be absent)."""
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
-        if "layernorm_epsilon" not in d and "rms_norm_eps" in d:
-            d["layernorm_epsilon"] = d.pop("rms_norm_eps")
-        if "num_nextn_predict_layers" in d:
+        for alias, key in ALIASES.items():
+            if key not in d and alias in d:
+                # `sliding_window` stays in `extra` too: to_dict writes it back as it was read
+                d[key] = d[alias] if alias == "sliding_window" else d.pop(alias)
+        if "num_nextn_predict_layers" in d:  # the hub key wins over ours
             d["num_mtp_layers"] = d.pop("num_nextn_predict_layers")
-        if "sliding_window_size" not in d and "sliding_window" in d:
-            d["sliding_window_size"] = d["sliding_window"]
-        if "dtype" in d and "torch_dtype" not in d:
-            d["torch_dtype"] = d.pop("dtype")
+        missing = sorted(names - set(d) - set(OPTIONAL_KEYS))
+        if missing:
+            raise ValueError(f"{source}: required key `{missing[0]}` is missing"
+                             + (f" (and {', '.join(missing[1:])})" if missing[1:] else "")
+                             + "; it shapes the computation, so there is no safe default")
         for key in list(d):
             if key in names:
                 kwargs[key] = d.pop(key)
@@ -178,7 +213,7 @@ class MiMoConfig:
         d = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                  num_hidden_layers=n, num_attention_heads=4, num_key_value_heads=1, head_dim=24, v_head_dim=16,
                  swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=24, swa_v_head_dim=16,
-                 hybrid_layer_pattern=_flash_layer_pattern(n), moe_layer_freq=[0] + [1] * (n - 1),
+                 hybrid_layer_pattern=flash_layer_pattern(n), moe_layer_freq=[0] + [1] * (n - 1),
                  sliding_window_size=8, n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
                  torch_dtype="float32", num_mtp_layers=0)
         d.update(overrides)
@@ -365,17 +400,23 @@ class MiMoConfig:
         layouts = ("hybrid", "all-global", "no-window")
         if layout not in layouts:
             raise ValueError(f"layout {layout!r} is not one of {layouts}")
-        width = _dtype_bytes(dtype)
         total = 0
         for i in range(self.num_hidden_layers):
-            g = self.attention(i)
-            if layout == "all-global":
-                kv, d, e, tokens = self.num_key_value_heads, self.head_dim, self.v_head_dim, seq_len
+            if layout == "all-global":  # the global layers' kv heads and dims, every token
+                total += kv_bytes(seq_len, self.num_key_value_heads, self.head_dim, self.v_head_dim, dtype, batch)
             else:
-                kv, d, e = g.num_kv_heads, g.head_dim, g.v_head_dim
-                tokens = min(seq_len, g.window + reserve) if layout == "hybrid" and g.window is not None else seq_len
-            total += tokens * kv * (d + e) * width
-        return total * batch
+                total += self.layer_kv_bytes(i, seq_len, dtype, batch, reserve, window=layout == "hybrid")
+        return total
+
+    def layer_kv_bytes(self, layer: int | None, seq_len: int, dtype: Any = "bfloat16", batch: int = 1,
+                       reserve: int = 0, window: bool = True) -> int:
+        """Keys + values one layer (`None`: an MTP block) keeps for `batch` sequences of `seq_len` tokens:
+        tokens x kv heads x (head_dim + v_head_dim) x bytes per element. A sliding layer keeps
+        min(seq_len, window + reserve) tokens (unless `window=False`), a global layer all of them.
+        `kv_cache_bytes` and the memory planner call it; both end in `kv_bytes`."""
+        g = self.attention(layer)
+        tokens = seq_len if g.window is None or not window else min(seq_len, g.window + reserve)
+        return kv_bytes(tokens, g.num_kv_heads, g.head_dim, g.v_head_dim, dtype, batch)
 
     def _attention_params(self, g: AttentionGeometry) -> int:
         h = self.hidden_size
@@ -385,12 +426,10 @@ class MiMoConfig:
         return qk + v + o + (g.num_heads if g.has_sink else 0)
 
 
-def _dtype_bytes(dtype: Any) -> int:
-    name = str(dtype).removeprefix("torch.")
-    sizes = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "fp8": 1}
-    if name not in sizes:
-        raise ValueError(f"dtype {dtype!r} not one of {sorted(sizes)}")
-    return sizes[name]
+def kv_bytes(tokens: int, num_kv_heads: int, head_dim: int, v_head_dim: int, dtype: Any = "bfloat16",
+             batch: int = 1) -> int:
+    """The one KV-bytes formula: batch x tokens x kv heads x (key dim + value dim) x bytes per element."""
+    return batch * tokens * num_kv_heads * (head_dim + v_head_dim) * dtypes.width(dtype)
 
 
 def _count_mtp_layers(directory: Path) -> int:
@@ -413,4 +452,4 @@ def human(n: float) -> str:
     return str(n)
 
 
-__all__ = ["MiMoConfig", "AttentionGeometry", "human"]
+__all__ = ["MiMoConfig", "AttentionGeometry", "human", "flash_layer_pattern", "kv_bytes", "OPTIONAL_KEYS"]

@@ -79,3 +79,25 @@ def test_from_pretrained_names_the_file(tmp_path):
         MiMoConfig.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError):
         MiMoConfig.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("key", ["sliding_window_size", "max_position_embeddings", "swa_rope_theta", "hidden_size",
+                                 "hybrid_layer_pattern", "attention_value_scale", "n_routed_experts"])
+def test_a_missing_key_that_shapes_the_computation_is_named(tmp_path, key):
+    raw = MiMoConfig.tiny(sliding_window_size=32).to_dict()
+    raw.pop(key)
+    if key == "sliding_window_size":
+        raw.pop("sliding_window")  # the hub's other spelling would fill it
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=f"config.json: required key `{key}` is missing"):
+        MiMoConfig.from_pretrained(tmp_path)
+
+
+def test_keys_the_hub_format_lets_go_missing_take_their_meaning(tmp_path):
+    raw = MiMoConfig.tiny(sliding_window_size=32).to_dict()
+    for key in ("quantization_config", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id",
+                "n_shared_experts", "routed_scaling_factor", "sliding_window_size"):  # sliding_window stays
+        raw.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    c = MiMoConfig.from_pretrained(tmp_path)
+    assert c.sliding_window_size == 32 and c.fp8_block is None and c.scaling_factor == 1.0
