@@ -1,6 +1,7 @@
 """Tokenizer: text <-> token ids, the way MiMo-V2-Flash's checkpoint defines them.
 
-MiMo uses a Qwen-style **byte-level BPE** (SPEC §6). Byte-level means the alphabet is the 256
+MiMo uses a Qwen-style **byte-level BPE**, like Qwen2/Qwen3 (the model card's chat format is
+their ChatML; a GGUF conversion of the checkpoint lists it as a Qwen2 tokenizer). Byte-level means the alphabet is the 256
 possible bytes, each drawn as a printable stand-in character (byte 0x20, the space, is `Ġ`;
 0x0A, the newline, is `Ċ`). UTF-8 text is first turned into bytes, so *any* string can be encoded
 and nothing is ever "unknown". BPE then merges the most frequent adjacent pairs into new
@@ -14,8 +15,12 @@ character. `IncrementalDecoder` below is the streaming decoder that copes with t
 Around the learned vocabulary sit the special tokens of the chat format (`<|im_start|>`,
 `<|im_end|>`, `<|endoftext|>`, `<think>`, `</think>`): each is one id, matched verbatim in the
 text before BPE runs. Their ids are read from the checkpoint's `tokenizer.json` /
-`tokenizer_config.json` at run time, never written into this code (SPEC decision 7): the Qwen2
-numbering (`<|im_end|>` = 151645, ...) is a likely guess for MiMo, not a fact we checked.
+`tokenizer_config.json` at run time, never written into this code: the Qwen2 numbering
+(`<|im_end|>` = 151645, ...) is a likely guess for MiMo, not a fact we checked.
+
+Because `encode` turns every marker string into its id, it must never see text that a user typed
+inside a chat: `encode_chat` builds a chat prompt with the template's markers as ids and every
+message's content as plain text.
 
 The model's embedding has 152576 rows, more than the tokenizer has tokens: the extra rows are
 padding and never produced by `encode`.
@@ -27,6 +32,7 @@ loading path without downloading the 150k-token original.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,11 +41,8 @@ from typing import Any
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-ENDOFTEXT = "<|endoftext|>"  # end of a document; eos and pad in the Qwen family
-IM_START = "<|im_start|>"  # opens a chat turn: <|im_start|>role\n ...
-IM_END = "<|im_end|>"  # closes a chat turn; a reply ends here
-THINK_START = "<think>"  # opens the reasoning block
-THINK_END = "</think>"  # closes it
+from .chat import ENDOFTEXT, IM_END, IM_START, THINK_END, THINK_START, chat_segments
+
 DEFAULT_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, THINK_START, THINK_END]
 
 # How text is cut into words before BPE (the Qwen2 pattern): English contractions, runs of letters
@@ -72,6 +75,7 @@ class Tokenizer:
         source: str = "tokenizer",
     ):
         self.backend = backend
+        self._plain_backend: tokenizers.Tokenizer | None = None  # made by `encode_plain` when needed
         self.eos_token = eos_token
         self.pad_token = pad_token
         self.bos_token = bos_token
@@ -118,6 +122,39 @@ class Tokenizer:
         single id whatever `add_special_tokens` says: that flag only asks the post-processor to
         add a template's tokens (none for MiMo, which has no bos)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` read as plain text: a special-token string in it is spelled with
+        ordinary tokens (`<|im_start|>` -> `<`, `|`, `im`, ...), so text from a user can never
+        produce a marker. `decode` gives the same string back.
+
+        It runs a copy of the backend with `encode_special_tokens` set (the switch `tokenizers`
+        offers for this), made once, so that the shared backend is never flipped back and forth.
+        """
+        if self._plain_backend is None:
+            self._plain_backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            self._plain_backend.encode_special_tokens = True
+        return self._plain_backend.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict], *, enable_thinking: bool = False, add_generation_prompt: bool = True,
+                    system_prompt: str | None = None, date: datetime.date | None = None) -> list[int]:
+        """The chat prompt of `messages` (see `chat.chat_segments` for the format and options) as ids.
+
+        The template's markers become their ids; everything between them, every message's content
+        included, is encoded as plain text (`encode_plain`). Markers split the text into pieces that
+        are encoded on their own anyway, so for messages without marker strings the ids are exactly
+        `encode(format_chat(messages))`.
+        """
+        segments = chat_segments(messages, add_generation_prompt=add_generation_prompt,
+                                 enable_thinking=enable_thinking, system_prompt=system_prompt, date=date)
+        ids, text = [], ""
+        for piece, is_marker in segments:
+            if not is_marker:
+                text += piece  # neighbouring texts are encoded together, as in the joined string
+                continue
+            ids += self.encode_plain(text) + [self.token_id(piece)]
+            text = ""
+        return ids + self.encode_plain(text)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Note the default: `tokenizers` itself drops special tokens unless told
