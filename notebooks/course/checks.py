@@ -12,10 +12,258 @@ class ExerciseError(AssertionError):
     """A wrong answer; the message says what is wrong and where to look."""
 
 
-def _correct(message: str) -> bool:
+def _correct(message: str) -> None:
     print(f"correct: {message}")
-    return True
 
 
 def _wrong(message: str):
     raise ExerciseError(message)
+
+
+def _unanswered(answer, hint: str) -> bool:
+    """True (after printing the hint) while the learner's answer is still None."""
+    if answer is None:
+        print(f"not answered yet. Hint: {hint}")
+        return True
+    return False
+
+
+def _integer(answer, what: str) -> int:
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        try:
+            import torch
+            if isinstance(answer, torch.Tensor) and answer.numel() == 1 and not answer.is_floating_point():
+                return int(answer)
+        except ImportError:
+            pass
+        _wrong(f"{what} should be a whole number (int), got {type(answer).__name__} {answer!r}")
+    return answer
+
+
+def _flash():
+    from minimimo import MiMoConfig
+    return MiMoConfig.flash()
+
+
+# --------------------------------------------------------------------------- notebook 00
+def check_ex_00_1(answer):
+    """Total parameters with layer 0 a MoE layer too."""
+    if _unanswered(answer, "start from counts['total']: remove the dense MLP, add what every MoE layer has."):
+        return
+    answer = _integer(answer, "the total")
+    flash = _flash()
+    base = flash.parameter_counts()
+    right = flash.replace(moe_layer_freq=[1] * flash.num_hidden_layers).parameter_counts()["total"]
+    h, m, e = flash.hidden_size, flash.moe_intermediate_size, flash.n_routed_experts
+    expert, router = 3 * h * m, e * h + e
+    if answer == right:
+        return _correct(f"{right:,d} parameters: the dense MLP ({base['dense_mlp']:,d}) goes, a router "
+                        f"({router:,d}) and {e} experts ({e * expert:,d}) come, {right - base['total']:+,d} in all.")
+    if answer == base["total"]:
+        _wrong("that is today's total: layer 0 changes from a dense MLP to a MoE layer, so the count changes.")
+    if answer == right - router:
+        _wrong(f"{right - answer:,d} short: the new MoE layer also has a router (gate.weight [{e}, {h}] and "
+               f"e_score_correction_bias [{e}]).")
+    if answer == right + base["dense_mlp"]:
+        _wrong(f"you added the MoE layer but kept the dense MLP ({base['dense_mlp']:,d}); layer 0 has one or the other.")
+    if answer == base["total"] - base["dense_mlp"] + router + flash.num_experts_per_tok * expert:
+        _wrong("you added only the 8 chosen experts; the *total* counts all 256 experts of the layer (8 is the active count).")
+    _wrong(f"off by {answer - right:+,d}. One expert is gate, up, down = 3 x {h} x {m} = {expert:,d}; the router is "
+           f"{router:,d}; the dense MLP of layer 0 is {base['dense_mlp']:,d}.")
+
+
+def _flash_rule_globals(n_layers):
+    return [i for i in range(n_layers) if i == 0 or (i + 1) % 6 == 0]
+
+
+def check_ex_00_2(answer):
+    """Global layers of a 60-layer model with Flash's rule."""
+    if _unanswered(answer, "print [i for i, kind in enumerate(config.hybrid_layer_pattern) if kind == 0] and "
+                           "look at the spacing."):
+        return
+    right = _flash_rule_globals(60)
+    flash = _flash()
+    assert _flash_rule_globals(48) == [i for i, kind in enumerate(flash.hybrid_layer_pattern) if kind == 0]
+    try:
+        answer = sorted(int(i) for i in answer)
+    except (TypeError, ValueError):
+        _wrong(f"give a list of layer indices, got {answer!r}")
+    if answer == right:
+        return _correct(f"{right}: layer 0 plus every sixth layer (i + 1 divisible by 6), {len(right)} global layers, "
+                        f"{60 - len(right)} sliding.")
+    if 0 not in answer:
+        _wrong("layer 0 is global too (the report makes the first block global with a dense FFN).")
+    if answer == [0] + list(range(6, 60, 6)):
+        _wrong("the global layer closes each block of six: layers 5, 11, 17, ... (0-based), not 6, 12, ...")
+    missing, extra = sorted(set(right) - set(answer)), sorted(set(answer) - set(right))
+    _wrong(f"not quite: missing {missing}, not global {extra}. Layer 0 and every layer i with (i + 1) % 6 == 0.")
+
+
+def check_ex_00_3(answer):
+    """Active parameters with top-4 routing."""
+    if _unanswered(answer, "only the experts_active term of section 4 depends on how many experts a token uses."):
+        return
+    answer = _integer(answer, "the active count")
+    flash = _flash()
+    base = flash.parameter_counts()
+    right = flash.replace(num_experts_per_tok=4).parameter_counts()["active"]
+    expert = 3 * flash.hidden_size * flash.moe_intermediate_size
+    if answer == right:
+        return _correct(f"{right:,d} active ({human_share(right, base['total'])} of {base['total']:,d}); 4 experts x "
+                        f"47 layers x {expert:,d} = {4 * 47 * expert:,d} fewer than with top-8. The total is unchanged.")
+    if answer == base["active"]:
+        _wrong("that is the top-8 count: with 4 experts per token, 4 x 47 experts fewer run.")
+    if answer == base["active"] - 4 * expert:
+        _wrong("you removed 4 experts from one layer; every one of the 47 MoE layers routes to 4 fewer.")
+    if answer == base["active"] // 2:
+        _wrong("halving everything is too much: attention, embeddings, the dense MLP and the routers do not change.")
+    _wrong(f"off by {answer - right:+,d}; active = total - 47 x (256 - k) x {expert:,d} with k = 4.")
+
+
+def human_share(part, whole):
+    return f"{part / whole:.2%}"
+
+
+def check_ex_00_4(attention_parameters):
+    """attention_parameters(hidden_size, geometry) -> int."""
+    from minimimo import MiMoConfig
+    flash, tiny = _flash(), MiMoConfig.tiny()
+    cases = [("Flash global layer", flash, 0), ("Flash sliding layer", flash, 1), ("tiny sliding layer", tiny, 1),
+             ("tiny global layer", tiny, 0)]
+    first = attention_parameters(flash.hidden_size, flash.attention(0))
+    if _unanswered(first, "q_proj is [heads x head_dim, hidden]; k_proj [kv_heads x head_dim, hidden]; v_proj uses "
+                          "v_head_dim; o_proj is [hidden, heads x v_head_dim]."):
+        return
+    for name, config, layer in cases:
+        g, h = config.attention(layer), config.hidden_size
+        q, k, v, o = g.num_heads * g.head_dim * h, g.num_kv_heads * g.head_dim * h, g.num_kv_heads * g.v_head_dim * h, \
+            h * g.num_heads * g.v_head_dim
+        sink = g.num_heads if g.has_sink else 0
+        right = q + k + v + o + sink
+        got = _integer(attention_parameters(h, g), f"attention_parameters for the {name}")
+        if got == right:
+            continue
+        if got == right - sink:
+            _wrong(f"{name}: {sink} short, the sink logits (one per query head, attention_sink_bias) are parameters.")
+        if got == q + k + v + o + g.num_heads and not g.has_sink:
+            _wrong(f"{name}: this layer has no sink (geometry.has_sink is False); do not count one.")
+        if got == q + 2 * k + o + sink:
+            _wrong(f"{name}: v_proj has kv_heads x v_head_dim rows ({g.v_head_dim} per head), not head_dim ({g.head_dim}).")
+        if got == q + k + v + h * g.num_heads * g.head_dim + sink:
+            _wrong(f"{name}: o_proj reads heads x v_head_dim = {g.num_heads * g.v_head_dim} channels, not "
+                   f"heads x head_dim.")
+        if got == 2 * q + v * g.num_heads // g.num_kv_heads + o + sink:
+            _wrong(f"{name}: keys and values have kv_heads ({g.num_kv_heads}) heads, not one per query head (GQA).")
+        _wrong(f"{name}: got {got:,d}, expected {right:,d} (q {q:,d} + k {k:,d} + v {v:,d} + o {o:,d} + sinks {sink}).")
+    _correct("q, k, v, o and the sinks add up for global and sliding layers of both configs.")
+
+
+# --- notebooks 04-08 ---
+# (course helper B's section: exercises of notebooks 04 to 08; keep new checks of 00-03 above this line)
+
+
+# --------------------------------------------------------------------------- notebook 06
+def check_ex_06_1(answer):
+    """Tensor names in the index of MiMo-V2-Flash (main model + 3 MTP blocks), without _scale_inv."""
+    if _unanswered(answer, "per layer: 2 norms + q, k, v, o (+ a sink in sliding layers); layer 0: a dense MLP of 3; "
+                           "MoE layers: router weight and bias + 256 x 3 expert matrices; then embedding, final norm, "
+                           "head, and 14 tensors per MTP block."):
+        return
+    answer = _integer(answer, "the number of tensor names")
+    from minimimo.hub import tensor_specs
+    flash = _flash()
+    specs = tensor_specs(flash)
+    right = len(specs)
+    n_layers, n_moe = flash.num_hidden_layers, sum(flash.moe_layer_freq)
+    n_sliding = sum(flash.is_sliding(i) for i in range(n_layers))
+    experts = n_moe * flash.n_routed_experts * 3
+    mtp = sum(name.startswith("model.mtp.") for name in specs)
+    scales = sum(spec.quantizable for spec in specs.values())
+    if answer == right:
+        return _correct(f"{right:,d} names: {experts:,d} expert matrices (47 x 256 x 3), {n_moe * 2} router tensors, "
+                        f"{n_layers * 6 + n_sliding} attention and norm tensors ({n_sliding} sinks), 3 for the dense MLP, "
+                        f"3 for embedding, final norm and head, and {mtp} in the MTP blocks. The experts are 99% of the names.")
+    if answer == right + scales:
+        _wrong(f"that counts the {scales:,d} `_scale_inv` tensors too; the question leaves them out.")
+    if answer == right - mtp:
+        _wrong(f"{mtp} short: the three MTP blocks have 14 tensors each (enorm, hnorm, eh_proj, input_layernorm, "
+               "q/k/v/o, the sink, pre_mlp_layernorm, gate/up/down, final_layernorm).")
+    if answer == right + (n_layers - n_sliding):
+        _wrong(f"{n_layers - n_sliding} too many: the global layers have no sink (`add_full_attention_sink_bias` is false).")
+    if answer == right - n_sliding:
+        _wrong(f"{n_sliding} short: each of the {n_sliding} sliding-window layers has an `attention_sink_bias`.")
+    if answer == right - experts + n_moe * flash.num_experts_per_tok * 3:
+        _wrong("you counted the 8 experts a token uses; the file stores all 256 of every MoE layer.")
+    _wrong(f"off by {answer - right:+,d}. The experts alone are {n_moe} x {flash.n_routed_experts} x 3 = {experts:,d} names; "
+           "add the router (2 per MoE layer), the attention and norms of every layer, layer 0's dense MLP, "
+           f"embedding + final norm + head, and {mtp} MTP tensors.")
+
+
+def check_ex_06_2(answer):
+    """Swapped norms in layer 2: the first hidden state that moves."""
+    if _unanswered(answer, "hidden_states.0 is the embedding and hidden_states.K the output of layer K - 1."):
+        return
+    answer = _integer(answer, "K")
+    right = 3
+    if answer == right:
+        return _correct("hidden_states.3, the output of layer 2: everything before it is untouched, and from there on "
+                        "the error only grows. Per-layer hidden states locate a bug to the layer.")
+    if answer == 2:
+        _wrong("hidden_states.2 is the output of layer 1, computed before layer 2 runs: it cannot move. "
+               "Index 0 is the embedding, so layer i's output is hidden_states.(i + 1).")
+    if answer < 2:
+        _wrong(f"hidden_states.{answer} comes before layer 2 in the stack; a bug in layer 2 cannot reach it.")
+    _wrong(f"hidden_states.{answer} moves, but an earlier one already does. Compare every state with `expected` "
+           "and take the first index over 1e-4.")
+
+
+def _chat_batch(tokenizer):
+    import datetime
+    import torch
+    date = datetime.date(2025, 12, 16)
+    rows = [tokenizer.encode_chat([{"role": "user", "content": text}], date=date)
+            for text in ("Sort a list.", "Write a class that keeps a running mean of numbers.")]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def check_ex_06_3(greedy_batch, weights, config, new_tokens=8):
+    """greedy_batch(W, config, ids, mask, n) on two left-padded chat prompts == minimimo.generate."""
+    import torch
+    import minimimo
+    directory = minimimo.default_checkpoint()
+    tokenizer = minimimo.Tokenizer.from_pretrained(directory)
+    ids, mask = _chat_batch(tokenizer)
+    try:
+        with torch.no_grad():
+            got = greedy_batch(weights, config, ids, mask, new_tokens)
+    except NotImplementedError:
+        print("not answered yet. Hint: positions = torch.where(mask.bool(), mask.cumsum(-1) - 1, -1); caches for "
+              "batch 2; after each step, row r's next position is its last position + 1.")
+        return
+    model = minimimo.load(directory, dtype=torch.float32, progress=False)
+    want = minimimo.generate(model, ids, new_tokens, attention_mask=mask)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        _wrong(f"expected a tensor of shape {list(want.shape)} (the prompts followed by {new_tokens} new tokens), got "
+               f"{type(got).__name__} {list(got.shape) if isinstance(got, torch.Tensor) else ''}")
+    if not torch.equal(got[:, :ids.shape[1]], ids):
+        _wrong("the first columns must be the prompts, unchanged.")
+    if torch.equal(got, want):
+        return _correct(f"both rows equal minimimo.generate with the attention mask ({new_tokens} tokens each): the "
+                        f"padded row (padding {int((mask[0] == 0).sum())}) behaves as if it had no padding at all.")
+    differs = (got != want)[:, ids.shape[1]:]
+    row = int(differs.any(1).nonzero()[0])
+    step = int(differs[row].nonzero()[0])
+    if row == 0 and not differs[1].any():
+        _wrong(f"the padded row 0 differs from new token {step} on, the unpadded row 1 is right: the padding is still "
+               "visible or shifts the positions. Pads need position -1 (no query sees them) and real tokens "
+               "cumsum(mask) - 1, in the prefill and in every step after it.")
+    if step > 0:
+        _wrong(f"row {row} is right for {step} token(s), then differs: the prefill is fine, the decode steps are not. "
+               "Each new token's position is its row's previous position + 1 (not the padded width), and the caches "
+               "must be the ones the prefill filled.")
+    _wrong(f"row {row} differs at the very first new token: check the prefill (positions from the mask, caches for "
+           "batch 2) and that the next token is the argmax of each row's last logits.")

@@ -1,0 +1,85 @@
+"""Every exercise check accepts the solution's answer and rejects wrong answers with an explanation.
+
+The checks live in notebooks/course/checks.py; the solutions in notebooks/solutions/. A check that
+passed whatever it was given would teach nothing, so each test below feeds it the right answer (it must
+print "correct") and at least one typical wrong answer (it must raise ExerciseError naming the mistake).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "notebooks"))
+from course import checks  # noqa: E402
+from course.checks import ExerciseError  # noqa: E402
+from minimimo import MiMoConfig  # noqa: E402
+
+
+def accepts(check, *answer, capsys):
+    check(*answer)
+    out = capsys.readouterr().out
+    assert out.startswith("correct"), out
+
+
+def rejects(check, *answer, match):
+    with pytest.raises(ExerciseError, match=match):
+        check(*answer)
+
+
+def unanswered(check, *answer, capsys):
+    check(*answer)
+    assert capsys.readouterr().out.startswith("not answered yet")
+
+
+# --------------------------------------------------------------------------- notebook 00
+FLASH = MiMoConfig.flash()
+COUNTS = FLASH.parameter_counts()
+EXPERT = 3 * 4096 * 2048
+ROUTER = 256 * 4096 + 256
+
+
+def test_ex_00_1_total_with_moe_layer_0(capsys):
+    right = COUNTS["total"] - COUNTS["dense_mlp"] + ROUTER + 256 * EXPERT
+    accepts(checks.check_ex_00_1, right, capsys=capsys)
+    unanswered(checks.check_ex_00_1, None, capsys=capsys)
+    rejects(checks.check_ex_00_1, right - ROUTER, match="router")
+    rejects(checks.check_ex_00_1, COUNTS["total"], match="today's total")
+    rejects(checks.check_ex_00_1, right + COUNTS["dense_mlp"], match="kept the dense MLP")
+    rejects(checks.check_ex_00_1, right + 1, match="off by")
+    rejects(checks.check_ex_00_1, 3.1e11, match="whole number")
+
+
+def test_ex_00_2_global_layers_of_60(capsys):
+    accepts(checks.check_ex_00_2, [0, 5, 11, 17, 23, 29, 35, 41, 47, 53, 59], capsys=capsys)
+    rejects(checks.check_ex_00_2, [5, 11, 17, 23, 29, 35, 41, 47, 53, 59], match="layer 0")
+    rejects(checks.check_ex_00_2, [0, 6, 12, 18, 24, 30, 36, 42, 48, 54], match="5, 11, 17")
+    rejects(checks.check_ex_00_2, [0, 5, 11, 17, 23, 29, 35, 41, 47], match="missing")
+
+
+def test_ex_00_3_active_with_top_4(capsys):
+    right = COUNTS["active"] - 47 * 4 * EXPERT
+    accepts(checks.check_ex_00_3, right, capsys=capsys)
+    rejects(checks.check_ex_00_3, COUNTS["active"], match="top-8")
+    rejects(checks.check_ex_00_3, COUNTS["active"] - 4 * EXPERT, match="47 MoE layers")
+    rejects(checks.check_ex_00_3, COUNTS["active"] // 2, match="halving")
+
+
+def attention_parameters(hidden_size, g, sink=True, v_dim=None, o_dim=None):
+    v_dim = g.v_head_dim if v_dim is None else v_dim
+    o_dim = g.v_head_dim if o_dim is None else o_dim
+    q, k = g.num_heads * g.head_dim * hidden_size, g.num_kv_heads * g.head_dim * hidden_size
+    v, o = g.num_kv_heads * v_dim * hidden_size, hidden_size * g.num_heads * o_dim
+    return q + k + v + o + (g.num_heads if g.has_sink and sink else 0)
+
+
+def test_ex_00_4_attention_parameters(capsys):
+    accepts(checks.check_ex_00_4, attention_parameters, capsys=capsys)
+    unanswered(checks.check_ex_00_4, lambda h, g: None, capsys=capsys)
+    rejects(checks.check_ex_00_4, lambda h, g: attention_parameters(h, g, sink=False), match="sink")
+    rejects(checks.check_ex_00_4, lambda h, g: attention_parameters(h, g, v_dim=g.head_dim), match="v_head_dim")
+    rejects(checks.check_ex_00_4, lambda h, g: attention_parameters(h, g, o_dim=g.head_dim), match="o_proj")
