@@ -3,7 +3,7 @@
 Axes: b batch, g kv heads, s cache slots, d key channels, e value channels.
 
 Both caches are **indexed by position**. A global layer stores the token at position p in slot p
-(buffers preallocated, grown in chunks, never re-concatenated per step). A sliding-window layer
+(buffers grown as tokens arrive, at least doubling each time, never re-concatenated per step). A sliding-window layer
 never looks more than `W = sliding_window_size` tokens back, so it keeps W slots and the token at
 position p lives in slot p % W, overwriting the token W positions older.
 
@@ -58,17 +58,26 @@ class LayerCache:
 
 
 class GlobalLayerCache(LayerCache):
-    """Slot = position; grows by `chunk` slots when a position beyond the capacity arrives."""
+    """Slot = position. Starts empty and grows as positions arrive, never ahead of them.
 
-    def __init__(self, geometry, batch, dtype, device, capacity: int, chunk: int = 256):
-        super().__init__(geometry, batch, capacity, dtype, device)
-        self.chunk, self.length = chunk, 0  # slots in use: 1 + the largest position seen
+    A growth step allocates at least twice the old capacity, rounded up to whole `chunk`s (so a
+    long decode copies each slot O(1) times on average, not once per chunk), and never more than
+    `max_length` slots when that bound is known. Asking for a million new tokens and stopping
+    after one therefore holds one chunk, not a million slots.
+    """
+
+    def __init__(self, geometry, batch, dtype, device, max_length: int | None = None, chunk: int = 256):
+        super().__init__(geometry, batch, 0, dtype, device)
+        self.max_length, self.chunk, self.length = max_length, chunk, 0  # length: 1 + largest position seen
 
     def _grow(self, needed: int) -> None:
         capacity = self.k.shape[2]
         if needed <= capacity:
             return
-        extra = -(-needed // self.chunk) * self.chunk - capacity
+        new_capacity = -(-max(needed, 2 * capacity) // self.chunk) * self.chunk
+        if self.max_length is not None:
+            new_capacity = max(needed, min(new_capacity, self.max_length))
+        extra = new_capacity - capacity
         self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], extra, self.k.shape[3])], dim=2)
         self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], extra, self.v.shape[3])], dim=2)
         self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], extra), -1)], dim=1)
@@ -105,9 +114,11 @@ class RingLayerCache(LayerCache):
 class HybridCache:
     """One cache per decoder layer: ring buffers for sliding layers, growing buffers for global ones.
 
-    max_length preallocates the global layers (e.g. prompt + new tokens), otherwise they grow in
-    chunks; reserve adds slots to every ring so that a verify block of `reserve` drafts after a
-    verified token can be rolled back (MTP drafting).
+    The rings (W + reserve slots each) are allocated when the cache is created; the global buffers
+    start empty and grow as tokens arrive (`GlobalLayerCache`). max_length (e.g. prompt + new
+    tokens) only caps that growth: nothing is reserved for tokens that are never generated.
+    reserve adds slots to every ring so that a verify block of `reserve` drafts after a verified
+    token can be rolled back (MTP drafting).
     """
 
     def __init__(self, config: MiMoConfig, batch: int = 1, *, dtype=torch.float32, device="cpu",
@@ -120,7 +131,7 @@ class HybridCache:
             if g.window is not None:
                 self.layers.append(RingLayerCache(g, batch, dtype, layer_device, reserve))
             else:
-                self.layers.append(GlobalLayerCache(g, batch, dtype, layer_device, max_length or chunk, chunk))
+                self.layers.append(GlobalLayerCache(g, batch, dtype, layer_device, max_length, chunk))
         self.next_positions = torch.zeros(batch, dtype=torch.long, device=devices[0])  # per row
 
     def layer(self, i: int) -> LayerCache:

@@ -37,7 +37,10 @@ class DecoderLayer(nn.Module):
     def device(self) -> torch.device:
         return self.input_layernorm.weight.device
 
-    def forward(self, h, cos, sin, positions, kv_cache=None):
+    def forward(self, h, rope: RopeTables, positions, kv_cache=None):
+        """h [b, t, c] -> h [b, t, c]: a pre-norm attention block, then a pre-norm FFN block."""
+        g = self.geometry
+        cos, sin = rope.cos_sin(g.rotary_dim, g.rope_theta, h.device)  # theta 5e6 if global, 1e4 if sliding
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -89,7 +92,7 @@ class MiMoForCausalLM(nn.Module):
         return self.model.norm.weight.dtype
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head on the residual stream `trunk` returns."""
+        """Final norm and LM head on the residual stream that `trunk` returns."""
         return self.lm_head(self.model.norm(h_last.to(self.model.norm.weight.device)))
 
     def layer_devices(self) -> list[torch.device]:
@@ -112,37 +115,74 @@ class MiMoForCausalLM(nn.Module):
         return_hidden_states: also return the list of L+1 hidden states, in the official
         convention: [embeddings, output of layer 0, ..., output of layer L-2, final-norm output].
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        hidden = self.hidden_states(input_ids, positions=positions, cache=cache,
-                                    keep_all=return_hidden_states)
-        logits = self.lm_head(hidden[-1])
-        return (logits, hidden) if return_hidden_states else logits
-
-    def hidden_states(self, input_ids, *, positions=None, cache=None, keep_all=False):
-        """Runs the stack; returns [final-norm output] or, with keep_all, every hidden state."""
-        states = self.trunk(input_ids, positions=positions, cache=cache, keep_all=keep_all)
+        states = self.trunk(input_ids, positions=positions, cache=cache, keep_all=return_hidden_states)
         states[-1] = self.model.norm(states[-1].to(self.model.norm.weight.device))
-        return states
+        logits = self.lm_head(states[-1])
+        return (logits, states) if return_hidden_states else logits
 
     def trunk(self, input_ids, *, positions=None, cache=None, keep_all=False) -> list[torch.Tensor]:
-        """Embedding and decoder layers, no final norm: returns [h_last] (the residual stream the
-        MTP blocks read), or with keep_all [embeddings, output of layer 0, ..., output of layer L-1]."""
+        """The embedding and the decoder layers, one loop, no final norm.
+
+        Returns [h_last] (the residual stream the MTP blocks read and `logits` finishes), or with
+        keep_all [embeddings, output of layer 0, ..., output of layer L-1].
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        check_token_ids(input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         if positions is None:
             start = 0 if cache is None else cache.next_position
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         embed = self.model.embed_tokens
-        h = embed(input_ids.to(embed.weight.device))
-        rope = RopeTables(positions, h.dtype)
+        h = embed(input_ids.to(embed.weight.device))  # [b, t, c]
+        rope = RopeTables(positions, h.dtype)  # cos/sin computed once per theta, shared by the layers
         states = [h] if keep_all else []
         for i, layer in enumerate(self.model.layers):
             h = h.to(layer.device)  # layers placed on several devices: the activations follow
-            cos, sin = rope(layer.geometry, h.device)
-            h = layer(h, cos, sin, positions.to(h.device), None if cache is None else cache.layer(i))
+            h = layer(h, rope, positions.to(h.device), None if cache is None else cache.layer(i))
             if keep_all and i < len(self.model.layers) - 1:
                 states.append(h)
         if cache is not None:
             cache.advance(positions)
         states.append(h)
         return states
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a ValueError naming the first token id outside [0, vocab_size) (the embedding would
+    otherwise fail with an IndexError on a CPU, or a device-side assert on a GPU)."""
+    if input_ids.numel() == 0:
+        return
+    low, high = input_ids.aminmax()
+    if low < 0 or high >= vocab_size:
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise ValueError(f"input_ids contains token id {int(bad)}, outside the vocabulary [0, {vocab_size})")
+
+
+PREFILL_CHUNK = 256  # tokens per prefill pass: sliding layers score 256 x (W + 256) keys, not T x T
+
+
+def prefill(model: MiMoForCausalLM, input_ids: torch.Tensor, cache, *, positions: torch.Tensor | None = None,
+            chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Runs a prompt through the model `chunk` tokens at a time, filling `cache`.
+
+    input_ids [b, t], positions [b, t] (default: continuing the cache; -1 = left padding)
+    -> the residual stream h [b, t, c] of every prompt position, before the final norm
+    (`model.logits(h[:, -1])` gives the next-token logits: the LM head runs on one position).
+
+    Each chunk attends to what the cache already holds plus itself, so the result equals one pass
+    over the whole prompt. What changes is the size of the score matrices: a sliding layer scores
+    chunk x (W + reserve + chunk) keys and a global layer chunk x (positions so far), so peak memory
+    stays bounded by the chunk and the sliding layers' cost grows with t * W instead of t^2.
+    """
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer (tokens per prefill pass), got {chunk!r}")
+    b, t = input_ids.shape
+    if positions is None:
+        start = cache.next_position
+        positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+    if positions.shape != input_ids.shape:
+        raise ValueError(f"positions shape {tuple(positions.shape)} != input_ids {tuple(input_ids.shape)}")
+    pieces = [model.trunk(input_ids[:, a:a + chunk], positions=positions[:, a:a + chunk], cache=cache)[-1]
+              for a in range(0, t, chunk)]
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]

@@ -28,7 +28,7 @@ from .attention import Attention
 from .config import MiMoConfig
 from .mlp import MLP
 from .norm import RMSNorm
-from .rope import RopeTables
+from .rope import rope_cos_sin
 
 
 class MTPBlock(nn.Module):
@@ -67,7 +67,8 @@ def mtp_logits(model, k: int, tokens, main_hidden, positions, kv_cache=None) -> 
     block, embed = model.model.mtp.layers[k], model.model.embed_tokens
     device = block.enorm.weight.device  # blocks may sit on other devices than the embedding and head
     positions = positions.to(device)
-    cos, sin = RopeTables(positions, main_hidden.dtype)(block.geometry)
+    g = block.geometry  # a sliding-window geometry: rope theta 1e4, like the main model's sliding layers
+    cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, main_hidden.dtype)
     token_embedding = embed(tokens.to(embed.weight.device)).to(device)
     out = block(token_embedding, main_hidden.to(device), cos, sin, positions, kv_cache)
     return model.lm_head(out.to(model.lm_head.weight.device))

@@ -42,15 +42,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RopeTables:
-    """cos/sin for one set of positions, computed once per (rotary_dim, theta, device) and shared."""
+    """cos/sin for one set of positions, computed once per (rotary_dim, theta, device) and shared
+    by every layer that rotates with the same theta (all 9 global layers share one table, all 39
+    sliding layers another)."""
 
     def __init__(self, positions: torch.Tensor, dtype: torch.dtype):
         self.positions, self.dtype, self.tables = positions, dtype, {}
 
-    def __call__(self, geometry, device=None):
+    def cos_sin(self, rotary_dim: int, theta: float, device=None):
+        """-> cos, sin [b, t, rotary_dim] for these positions, rotating with `theta`."""
         device = self.positions.device if device is None else device
-        key = (geometry.rotary_dim, geometry.rope_theta, str(device))
+        key = (rotary_dim, theta, str(device))
         if key not in self.tables:
-            self.tables[key] = rope_cos_sin(self.positions.to(device), geometry.rotary_dim, geometry.rope_theta,
-                                            self.dtype)
+            self.tables[key] = rope_cos_sin(self.positions.to(device), rotary_dim, theta, self.dtype)
         return self.tables[key]
+
+    def __call__(self, geometry, device=None):
+        """The tables for one attention geometry (its rotary_dim and rope_theta)."""
+        return self.cos_sin(geometry.rotary_dim, geometry.rope_theta, device)

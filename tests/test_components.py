@@ -188,3 +188,10 @@ def test_grouped_mm_fast_path_equals_the_expert_loop():
     fast = moe(x)
     moe.experts.use_grouped_mm = False
     torch.testing.assert_close(fast, moe(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 256, 10**6])
+def test_model_names_a_token_id_outside_the_vocabulary(tiny_model, bad):
+    ids = torch.tensor([[1, 2, bad, 3], [4, 5, 6, 7]])
+    with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary \[0, 256\)"):
+        tiny_model(ids)
