@@ -83,3 +83,47 @@ def test_ex_00_4_attention_parameters(capsys):
     rejects(checks.check_ex_00_4, lambda h, g: attention_parameters(h, g, sink=False), match="sink")
     rejects(checks.check_ex_00_4, lambda h, g: attention_parameters(h, g, v_dim=g.head_dim), match="v_head_dim")
     rejects(checks.check_ex_00_4, lambda h, g: attention_parameters(h, g, o_dim=g.head_dim), match="o_proj")
+
+
+# --- notebooks 04-08 ---
+# (course helper B's section: exercises of notebooks 04 to 08)
+
+
+# --------------------------------------------------------------------------- notebook 06
+def test_ex_06_1_hub_tensor_names(capsys):
+    from minimimo.hub import tensor_specs
+    specs = tensor_specs(FLASH)
+    right = len(specs)
+    mtp = sum(name.startswith("model.mtp.") for name in specs)
+    accepts(checks.check_ex_06_1, right, capsys=capsys)
+    unanswered(checks.check_ex_06_1, None, capsys=capsys)
+    rejects(checks.check_ex_06_1, right - mtp, match="MTP blocks")
+    rejects(checks.check_ex_06_1, right + 9, match="global layers have no sink")
+    rejects(checks.check_ex_06_1, right + sum(s.quantizable for s in specs.values()), match="_scale_inv")
+    rejects(checks.check_ex_06_1, right - 1000, match="off by")
+
+
+def test_ex_06_2_first_hidden_state_that_moves(capsys):
+    accepts(checks.check_ex_06_2, 3, capsys=capsys)
+    rejects(checks.check_ex_06_2, 2, match="output of layer 1")
+    rejects(checks.check_ex_06_2, 5, match="earlier one")
+
+
+def test_ex_06_3_left_padded_batch(capsys):
+    import minimimo
+    directory = minimimo.default_checkpoint()
+    model = minimimo.load(directory, dtype=torch.float32, progress=False)
+    config = model.config
+
+    def right(W, config, ids, mask, n):
+        return minimimo.generate(model, ids, n, attention_mask=mask)
+
+    def mask_ignored(W, config, ids, mask, n):     # pads visible, positions shifted by the padding
+        return minimimo.generate(model, ids, n)
+
+    def unanswered_fn(W, config, ids, mask, n):
+        raise NotImplementedError
+
+    accepts(checks.check_ex_06_3, right, {}, config, capsys=capsys)
+    rejects(checks.check_ex_06_3, mask_ignored, {}, config, match="padded row 0")
+    unanswered(checks.check_ex_06_3, unanswered_fn, {}, config, capsys=capsys)

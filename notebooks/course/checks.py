@@ -7,6 +7,8 @@ Names: check_ex_NN_K, exercise K of notebook NN.
 
 from __future__ import annotations
 
+import math
+
 
 class ExerciseError(AssertionError):
     """A wrong answer; the message says what is wrong and where to look."""
@@ -158,6 +160,129 @@ def check_ex_00_4(attention_parameters):
     _correct("q, k, v, o and the sinks add up for global and sliding layers of both configs.")
 
 
+
+# --------------------------------------------------------------------------- notebook 01
+def check_ex_01_1(answer):
+    """Rotary channels and pairs for head_dim 128, factor 0.334."""
+    if _unanswered(answer, "rotary_dim = int(head_dim * partial_rotary_factor); each pair is two channels."):
+        return
+    right = (int(128 * 0.334), int(128 * 0.334) // 2)
+    try:
+        channels, pairs = answer
+    except (TypeError, ValueError):
+        _wrong(f"give a pair (rotary channels, pairs), got {answer!r}")
+    if (channels, pairs) == right:
+        return _correct(f"128 x 0.334 = {128 * 0.334:.3f}, floored to {right[0]} channels in {right[1]} pairs; "
+                        f"{128 - right[0]} channels stay position-free.")
+    if channels == round(128 * 0.334):
+        _wrong(f"128 x 0.334 = {128 * 0.334:.3f}; int() floors it (to {right[0]}), it does not round.")
+    if channels == right[0] and pairs == channels:
+        _wrong("a pair is two channels that turn together: pairs = rotary channels / 2.")
+    _wrong(f"rotary channels = int(128 x 0.334) = int({128 * 0.334:.3f}); pairs are half of that.")
+
+
+def _wavelengths(theta, rotary_dim=64):
+    import torch
+    return 2 * math.pi * theta ** (torch.arange(0, rotary_dim, 2).double() / rotary_dim)
+
+
+def check_ex_01_2(answer):
+    """Pairs with a wavelength beyond 32,768 tokens at theta 640,000."""
+    if _unanswered(answer, "wavelength_i = 2 pi / inv_freq(64, theta)[i]; count the ones above 32,768."):
+        return
+    answer = _integer(answer, "the number of pairs")
+    right = int((_wavelengths(640_000) > 32_768).sum())
+    if answer == right:
+        return _correct(f"{right} of 32 pairs turn less than once across the 32K pre-training context; the global "
+                        f"theta was raised to 5e6 for 256K, where {int((_wavelengths(5e6) > 262_144).sum())} pairs "
+                        "are longer than the context.")
+    if answer == int((_wavelengths(640_000) > 262_144).sum()):
+        _wrong("that counts wavelengths beyond 262,144 tokens; the question asks about the 32,768-token context.")
+    if answer == int((_wavelengths(5e6) > 32_768).sum()) or answer == int((_wavelengths(5e6) > 262_144).sum()):
+        _wrong("that is the count for theta 5e6 (the extended model); use theta 640,000.")
+    if answer == int((_wavelengths(640_000, 128) > 32_768).sum()):
+        _wrong("that uses rotary_dim 128; MiMo rotates 64 channels, 32 pairs.")
+    _wrong(f"not {answer}. The wavelengths grow geometrically from 2 pi (pair 0) to 2 pi x 640,000^(62/64) tokens.")
+
+
+def _reference_interleaved(x, positions, rotary_dim, theta):
+    import torch
+    from einops import rearrange, repeat
+    omega = 1.0 / theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    angles = repeat(rearrange(positions.float(), "b t -> b t 1") * omega, "b t f -> b 1 t (f two)", two=2)
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    pairs = rearrange(x_rot, "... (f two) -> ... f two", two=2)
+    turned = rearrange(torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1), "... f two -> ... (f two)")
+    return torch.cat([x_rot * angles.cos() + turned * angles.sin(), x_pass], dim=-1)
+
+
+def check_ex_01_3(rope_interleaved):
+    """rope_interleaved(x, positions, rotary_dim, theta) with pairs (2i, 2i + 1)."""
+    import torch
+    from .layers import cos_sin, rope
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 10, 24, generator=gen)
+    positions = torch.arange(10).expand(2, 10) + torch.tensor([[0], [50]])
+    got = rope_interleaved(x, positions, 8, 1e4)
+    if _unanswered(got, "angles as in cos_sin, repeated with 'b t f -> b 1 t (f two)'; the partner of channel 2i "
+                        "is 2i + 1: [x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]."):
+        return
+    want = _reference_interleaved(x, positions, 8, 1e4)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        _wrong(f"expected a tensor of shape {list(want.shape)}, got {type(got).__name__} "
+               f"{list(got.shape) if isinstance(got, torch.Tensor) else ''}")
+    if torch.allclose(got, want, atol=1e-5):
+        return _correct("pairs (2i, 2i + 1) turn by p x omega_i; the result differs from rotate-half everywhere "
+                        "except position 0.")
+    if torch.allclose(got, rope(x, *cos_sin(positions, 8, 1e4)), atol=1e-5):
+        _wrong("that is rotate-half (pairs i, i + r/2); interleaved pairs neighbours (2i, 2i + 1).")
+    if torch.allclose(got, _reference_interleaved(x, -positions, 8, 1e4), atol=1e-5):
+        _wrong("it turns the wrong way: x' = x cos + rotate(x) sin with rotate([a, b]) = [-b, a].")
+    if torch.allclose(got[..., :8], want[..., :8], atol=1e-5):
+        _wrong("the rotary channels are right, but the channels from rotary_dim on must pass through unchanged.")
+    if not torch.allclose(got[..., 8:], x[..., 8:]):
+        _wrong("channels from rotary_dim on must pass through unchanged (they are position-free).")
+    bad = (got - want).abs().amax(dim=(0, 1, 2))
+    _wrong(f"the rotary channels differ from the reference (largest error {bad.max():.3f} at channel "
+           f"{int(bad.argmax())}). Check the frequency order: pair i uses omega_i = theta^(-2i / rotary_dim).")
+
+
+def check_ex_01_4(half_to_interleaved_rows):
+    """half_to_interleaved_rows(w, head_dim, rotary_dim) so that interleaved RoPE reproduces rotate-half scores."""
+    import torch
+    from einops import rearrange
+    from .layers import cos_sin, rope
+    gen = torch.Generator().manual_seed(4)
+    head_dim, rotary_dim, heads, hidden, T = 24, 8, 2, 32, 12
+    w_q = torch.randn(heads * head_dim, hidden, generator=gen) / 6
+    w_k = torch.randn(heads * head_dim, hidden, generator=gen) / 6
+    x = torch.randn(1, T, hidden, generator=gen)
+    positions = torch.arange(T)[None]
+    permuted = half_to_interleaved_rows(w_q, head_dim, rotary_dim)
+    if _unanswered(permuted, "per head, the first rotary_dim rows go from (two f) to (f two) order: "
+                            "rearrange(w, '(h d) c -> h d c', d=head_dim), permute the first rotary_dim rows."):
+        return
+    if not isinstance(permuted, torch.Tensor) or permuted.shape != w_q.shape:
+        _wrong(f"return a weight of the same shape {list(w_q.shape)}")
+
+    def heads_of(w):
+        return rearrange(x @ w.T, "b t (h d) -> b h t d", d=head_dim)
+
+    cos, sin = cos_sin(positions, rotary_dim, 1e4)
+    want = rope(heads_of(w_q), cos, sin) @ rope(heads_of(w_k), cos, sin).transpose(-1, -2)
+    q = _reference_interleaved(heads_of(permuted), positions, rotary_dim, 1e4)
+    k = _reference_interleaved(heads_of(half_to_interleaved_rows(w_k, head_dim, rotary_dim)), positions, rotary_dim, 1e4)
+    got = q @ k.transpose(-1, -2)
+    if torch.allclose(got, want, atol=1e-4):
+        return _correct("interleaved RoPE on the permuted rows gives the rotate-half scores at every position: the "
+                        "convention lives in the order of the q/k_proj rows.")
+    if torch.equal(permuted, w_q):
+        _wrong("the weight came back unchanged; interleaved RoPE then pairs the wrong channels (scores agree only "
+               "at position 0).")
+    _wrong(f"the scores differ by up to {(got - want).abs().max():.3f}. Within each head, rotary row i must move to "
+           "2i and row i + rotary_dim/2 to 2i + 1; the other rows stay, and each head is permuted on its own.")
+
+
 # --- notebooks 04-08 ---
 # (course helper B's section: exercises of notebooks 04 to 08; keep new checks of 00-03 above this line)
 
@@ -206,8 +331,8 @@ def check_ex_06_2(answer):
     answer = _integer(answer, "K")
     right = 3
     if answer == right:
-        return _correct("hidden_states.3, the output of layer 2: everything before it is untouched, and from there on "
-                        "the error only grows. Per-layer hidden states locate a bug to the layer.")
+        return _correct("hidden_states.3, the output of layer 2: everything before it is untouched, and every state "
+                        "after it is wrong by whole units. Per-layer hidden states locate a bug to its layer.")
     if answer == 2:
         _wrong("hidden_states.2 is the output of layer 1, computed before layer 2 runs: it cannot move. "
                "Index 0 is the embedding, so layer i's output is hidden_states.(i + 1).")
