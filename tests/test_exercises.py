@@ -85,6 +85,61 @@ def test_ex_00_4_attention_parameters(capsys):
     rejects(checks.check_ex_00_4, lambda h, g: attention_parameters(h, g, o_dim=g.head_dim), match="o_proj")
 
 
+# --------------------------------------------------------------------------- notebook 01
+def test_ex_01_1_rotary_channels_of_128(capsys):
+    accepts(checks.check_ex_01_1, (42, 21), capsys=capsys)
+    rejects(checks.check_ex_01_1, (43, 21), match="floors")
+    rejects(checks.check_ex_01_1, (42, 42), match="two channels")
+    rejects(checks.check_ex_01_1, 42, match="pair")
+
+
+def test_ex_01_2_long_wavelengths_at_640k(capsys):
+    accepts(checks.check_ex_01_2, 11, capsys=capsys)
+    rejects(checks.check_ex_01_2, 9, match="theta 5e6|262,144")
+    rejects(checks.check_ex_01_2, 12, match="not 12")
+
+
+def _rope_interleaved(x, positions, rotary_dim, theta, sign=1, rotate_all=False):
+    from einops import rearrange, repeat
+    from course import layers
+    angles = sign * rearrange(positions.float(), "b t -> b t 1") * layers.inv_freq(rotary_dim, theta)
+    angles = repeat(angles, "b t f -> b 1 t (f two)", two=2)
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    pairs = rearrange(x_rot, "... (f two) -> ... f two", two=2)
+    turned = rearrange(torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1), "... f two -> ... (f two)")
+    out = x_rot * angles.cos() + turned * angles.sin()
+    return torch.cat([out, 2 * x_pass if rotate_all else x_pass], dim=-1)
+
+
+def test_ex_01_3_rope_interleaved(capsys):
+    from course import layers
+    accepts(checks.check_ex_01_3, _rope_interleaved, capsys=capsys)
+    unanswered(checks.check_ex_01_3, lambda *a: None, capsys=capsys)
+    rotate_half = lambda x, p, r, theta: layers.rope(x, *layers.cos_sin(p, r, theta))  # noqa: E731
+    rejects(checks.check_ex_01_3, rotate_half, match="that is rotate-half")
+    rejects(checks.check_ex_01_3, lambda x, p, r, th: _rope_interleaved(x, p, r, th, sign=-1), match="wrong way")
+    rejects(checks.check_ex_01_3, lambda x, p, r, th: _rope_interleaved(x, p, r, th, rotate_all=True),
+            match="pass through")
+
+
+def test_ex_01_4_half_to_interleaved_rows(capsys):
+    from einops import rearrange
+
+    def right(w, head_dim=192, rotary_dim=64):
+        w = rearrange(w, "(h d) c -> h d c", d=head_dim)
+        rot = rearrange(w[:, :rotary_dim], "h (two f) c -> h (f two) c", two=2)
+        return rearrange(torch.cat([rot, w[:, rotary_dim:]], dim=1), "h d c -> (h d) c")
+
+    def inverse(w, head_dim=192, rotary_dim=64):                   # (f two) -> (two f): the wrong direction
+        w = rearrange(w, "(h d) c -> h d c", d=head_dim)
+        rot = rearrange(w[:, :rotary_dim], "h (f two) c -> h (two f) c", two=2)
+        return rearrange(torch.cat([rot, w[:, rotary_dim:]], dim=1), "h d c -> (h d) c")
+
+    accepts(checks.check_ex_01_4, right, capsys=capsys)
+    rejects(checks.check_ex_01_4, lambda w, head_dim=192, rotary_dim=64: w.clone(), match="unchanged")
+    rejects(checks.check_ex_01_4, inverse, match="scores differ")
+
+
 # --- notebooks 04-08 ---
 # (course helper B's section: exercises of notebooks 04 to 08)
 
@@ -127,3 +182,4 @@ def test_ex_06_3_left_padded_batch(capsys):
     accepts(checks.check_ex_06_3, right, {}, config, capsys=capsys)
     rejects(checks.check_ex_06_3, mask_ignored, {}, config, match="padded row 0")
     unanswered(checks.check_ex_06_3, unanswered_fn, {}, config, capsys=capsys)
+
