@@ -178,6 +178,8 @@ def prefill(model: MiMoForCausalLM, input_ids: torch.Tensor, cache, *, positions
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer (tokens per prefill pass), got {chunk!r}")
     b, t = input_ids.shape
+    if t == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
     if positions is None:
         start = cache.next_position
         positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
@@ -185,4 +187,4 @@ def prefill(model: MiMoForCausalLM, input_ids: torch.Tensor, cache, *, positions
         raise ValueError(f"positions shape {tuple(positions.shape)} != input_ids {tuple(input_ids.shape)}")
     pieces = [model.trunk(input_ids[:, a:a + chunk], positions=positions[:, a:a + chunk], cache=cache)[-1]
               for a in range(0, t, chunk)]
-    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+    return torch.cat(pieces, dim=1)
