@@ -140,6 +140,47 @@ def test_ex_01_4_half_to_interleaved_rows(capsys):
     rejects(checks.check_ex_01_4, inverse, match="scores differ")
 
 
+# --------------------------------------------------------------------------- notebook 02
+def test_ex_02_1_first_query_128_vs_129_keys(capsys):
+    accepts(checks.check_ex_02_1, 128, capsys=capsys)
+    rejects(checks.check_ex_02_1, 129, match="earlier one")
+    rejects(checks.check_ex_02_1, 127, match="both masks agree")
+
+
+def test_ex_02_2_sink_logit_for_90_percent(capsys):
+    import math
+    accepts(checks.check_ex_02_2, math.log(9 * 129), capsys=capsys)
+    rejects(checks.check_ex_02_2, math.log(129), match="half the mass")
+    rejects(checks.check_ex_02_2, math.log(0.9 * 129), match="9 n")
+    rejects(checks.check_ex_02_2, math.log(9 * 128), match="129 keys")
+
+
+def _repeat_kv(q, k, v, visible, scale, order="(g r)", masked=True):
+    from einops import rearrange, repeat
+    r = q.shape[1] // k.shape[1]
+    k = repeat(k, f"b g s d -> b {order} s d", r=r)
+    v = repeat(v, f"b g s e -> b {order} s e", r=r)
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k) * scale
+    if masked:
+        scores = scores.masked_fill(~rearrange(visible, "b t s -> b 1 t s"), float("-inf"))
+    return torch.einsum("bhts,bhse->bhte", scores.softmax(-1), v)
+
+
+def test_ex_02_3_gqa_by_repeating_kv(capsys):
+    accepts(checks.check_ex_02_3, _repeat_kv, capsys=capsys)
+    unanswered(checks.check_ex_02_3, lambda *a: None, capsys=capsys)
+    rejects(checks.check_ex_02_3, lambda *a: _repeat_kv(*a, order="(r g)"), match="wrong order")
+    rejects(checks.check_ex_02_3, lambda *a: _repeat_kv(*a, masked=False), match="mask is not applied")
+    rejects(checks.check_ex_02_3, lambda q, k, v, vis, scale: _repeat_kv(q, k, v, vis, 1.0), match="differs")
+
+
+def test_ex_02_4_sink_parameters(capsys):
+    accepts(checks.check_ex_02_4, (39 + 3) * 64, capsys=capsys)
+    rejects(checks.check_ex_02_4, 39 * 64, match="MTP")
+    rejects(checks.check_ex_02_4, 51 * 64, match="global layers have no sink")
+    rejects(checks.check_ex_02_4, 42 * 8, match="query")
+
+
 # --- notebooks 04-08 ---
 # (course helper B's section: exercises of notebooks 04 to 08)
 
@@ -183,3 +224,43 @@ def test_ex_06_3_left_padded_batch(capsys):
     rejects(checks.check_ex_06_3, mask_ignored, {}, config, match="padded row 0")
     unanswered(checks.check_ex_06_3, unanswered_fn, {}, config, capsys=capsys)
 
+
+# --------------------------------------------------------------------------- notebook 07
+def test_ex_07_1_scale_rows_of_global_k_proj(capsys):
+    accepts(checks.check_ex_07_1, 8, capsys=capsys)
+    unanswered(checks.check_ex_07_1, None, capsys=capsys)
+    rejects(checks.check_ex_07_1, 6, match="uniform grid")
+    rejects(checks.check_ex_07_1, 32, match="columns")
+
+
+def test_ex_07_2_twelve_row_grid_fails_the_amax_test(capsys):
+    accepts(checks.check_ex_07_2, 1, capsys=capsys)
+    rejects(checks.check_ex_07_2, 0, match="true per-head grid")
+    rejects(checks.check_ex_07_2, 5, match="count again")
+
+
+def _quantizer(uniform_always=False, divide_by_448=True):
+    from minimimo.fp8 import quantize as package_quantize
+
+    def quantize(weight, block, head_size=None):
+        if uniform_always:
+            head_size = None
+        fp8, scale = package_quantize(weight, block, head_size=head_size)
+        if not divide_by_448:   # scale = amax: every |fp8| <= 1, no block reaches 448
+            from course.fp8 import per_head_row_index, uniform_row_index
+            rows, cols = weight.shape
+            row = per_head_row_index(rows, block[0], head_size) if head_size else uniform_row_index(rows, block[0])
+            scale = scale * 448
+            fp8 = (weight / scale[row][:, torch.arange(cols) // block[1]]).to(torch.float8_e4m3fn)
+        return fp8, scale
+    return quantize
+
+
+def test_ex_07_3_quantizer(capsys):
+    accepts(checks.check_ex_07_3, _quantizer(), capsys=capsys)
+    rejects(checks.check_ex_07_3, _quantizer(uniform_always=True), match="restart at every head")
+    rejects(checks.check_ex_07_3, _quantizer(divide_by_448=False), match="no \\|fp8\\| = 448")
+
+    def not_yet(weight, block, head_size=None):
+        raise NotImplementedError
+    unanswered(checks.check_ex_07_3, not_yet, capsys=capsys)

@@ -283,6 +283,106 @@ def check_ex_01_4(half_to_interleaved_rows):
            "2i and row i + rotary_dim/2 to 2i + 1; the other rows stay, and each head is permuted on its own.")
 
 
+
+# --------------------------------------------------------------------------- notebook 02
+def check_ex_02_1(answer):
+    """First query position whose output differs between a 129-key and a 128-key window."""
+    if _unanswered(answer, "mask_128 = visible & (distance < 128); compare the outputs row by row and take the "
+                           "first position where they differ by more than 1e-6."):
+        return
+    answer = _integer(answer, "the position")
+    right = 128
+    if answer == right:
+        return _correct("query 128 is the first with a key at distance exactly 128 (key 0): the official 129-key "
+                        "window sees it, a 128-key window does not. Every query from 128 on differs, so the two "
+                        "agree only on sequences shorter than 129 tokens.")
+    if answer == 129:
+        _wrong("query 129 differs, but an earlier one already does: which query is the first to have a key at "
+               "distance exactly 128?")
+    if answer < right:
+        _wrong(f"query {answer} has no key farther than {answer} positions back, so distance 128 never arises and "
+               "both masks agree.")
+    _wrong(f"query {answer} differs, but an earlier one already does. Compare the outputs of every query.")
+
+
+def check_ex_02_2(answer):
+    """Sink logit that takes 90% of the mass from 129 keys scoring 0."""
+    if _unanswered(answer, "solve e^s / (e^s + 129) = 0.9 for s."):
+        return
+    try:
+        answer = float(answer)
+    except (TypeError, ValueError):
+        _wrong(f"give a number, got {answer!r}")
+    right = math.log(9 * 129)
+    if abs(answer - right) < 1e-3:
+        return _correct(f"sigma = ln(9 x 129) = {right:.3f}: the sink must out-score all 129 keys together by a "
+                        f"factor 9. With 1 key the same sigma would leave only {1 / (1 + 9 * 129):.2%} for it.")
+    if abs(answer - math.log(129)) < 1e-3:
+        _wrong("ln 129 gives the sink half the mass (e^s = 129 = sum of the keys); 90% needs e^s nine times that.")
+    if abs(answer - math.log(0.9 * 129)) < 1e-3 or abs(answer - math.log(9)) < 1e-3:
+        _wrong("e^s / (e^s + n) = 0.9 means e^s = 0.9 (e^s + n), so e^s = 9 n with n = 129.")
+    if abs(answer - math.log(9 * 128)) < 1e-3:
+        _wrong("a sliding query sees 129 keys (128 previous + itself), not 128.")
+    _wrong(f"with sigma = {answer:.3f} the sink takes {math.exp(answer) / (math.exp(answer) + 129):.1%} of the mass, "
+           "not 90%.")
+
+
+def check_ex_02_3(attention_repeat_kv):
+    """GQA by repeating the KV heads must equal grouped attention without a sink."""
+    import torch
+    from einops import repeat
+    from .layers import attention_with_sink, mask_from_positions
+    gen = torch.Generator().manual_seed(5)
+    b, h, g, t, d, e = 2, 8, 2, 12, 16, 8
+    q, k, v = torch.randn(b, h, t, d, generator=gen), torch.randn(b, g, t, d, generator=gen), torch.randn(b, g, t, e, generator=gen)
+    pos = torch.arange(t).expand(b, t)
+    visible = mask_from_positions(pos, pos, 4)
+    got = attention_repeat_kv(q, k, v, visible, d ** -0.5)
+    if _unanswered(got, "einops repeat along the head axis, r = h // g copies of each KV head; which of '(g r)' "
+                        "and '(r g)' puts the copies of KV head 0 next to each other, for query heads 0 .. r-1?"):
+        return
+    want = attention_with_sink(q, k, v, visible, None, d ** -0.5)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        _wrong(f"expected shape {list(want.shape)} [b h t e], got "
+               f"{list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}")
+    if torch.allclose(got, want, atol=1e-5):
+        return _correct("query head h reads copy h // r of the KV heads, as the grouped einsum does; the copies cost "
+                        f"memory (r = {h // g} times the keys here, 8 or 16 in MiMo), the grouping does not.")
+    k_interleaved = repeat(k, "b g s d -> b (r g) s d", r=h // g)
+    v_interleaved = repeat(v, "b g s e -> b (r g) s e", r=h // g)
+    per_head = attention_with_sink(q, k_interleaved, v_interleaved, visible, None, d ** -0.5)
+    if torch.allclose(got, per_head, atol=1e-5):
+        _wrong("the copies are in the wrong order: '(r g)' gives query head h the KV head h % g; MiMo (and the "
+               "checkpoint) group consecutive query heads, h // r, which is '(g r)'.")
+    unmasked = attention_with_sink(q, k, v, torch.ones_like(visible), None, d ** -0.5)
+    if torch.allclose(got, unmasked, atol=1e-5):
+        _wrong("the mask is not applied: hidden keys must get -inf (or the most negative float) before the softmax.")
+    _wrong(f"differs from grouped attention by up to {(got - want).abs().max():.3f}; check the scale, the mask and "
+           "that the softmax runs over the key axis.")
+
+
+def check_ex_02_4(answer):
+    """Sink parameters in the 48 layers and 3 MTP blocks."""
+    if _unanswered(answer, "one sink logit per query head, only in attention with a window."):
+        return
+    answer = _integer(answer, "the number of sink parameters")
+    flash = _flash()
+    sliding = sum(flash.attention(i).has_sink for i in range(flash.num_hidden_layers))
+    heads = flash.swa_num_attention_heads
+    right = (sliding + flash.num_mtp_layers) * heads
+    if answer == right:
+        return _correct(f"({sliding} sliding layers + {flash.num_mtp_layers} MTP blocks) x {heads} query heads = "
+                        f"{right:,d}: the cheapest parameters of the model; the report's ablation "
+                        "found the 128-token window clearly worse without them.")
+    if answer == sliding * heads:
+        _wrong(f"the {flash.num_mtp_layers} MTP blocks use sliding-window attention with a sink too.")
+    if answer == (flash.num_hidden_layers + flash.num_mtp_layers) * heads or answer == flash.num_hidden_layers * heads:
+        _wrong("the 9 global layers have no sink (add_full_attention_sink_bias is false).")
+    if answer == (sliding + flash.num_mtp_layers) * flash.swa_num_key_value_heads or answer == sliding * flash.swa_num_key_value_heads:
+        _wrong("one sink per *query* head (64), not per KV head.")
+    _wrong(f"not {answer:,d}: count the attention blocks with a sink, times the query heads of each.")
+
+
 # --- notebooks 04-08 ---
 # (course helper B's section: exercises of notebooks 04 to 08; keep new checks of 00-03 above this line)
 
@@ -347,9 +447,10 @@ def _chat_batch(tokenizer):
     import torch
     date = datetime.date(2025, 12, 16)
     rows = [tokenizer.encode_chat([{"role": "user", "content": text}], date=date)
-            for text in ("Sort a list.", "Write a class that keeps a running mean of numbers.")]
+            for text in ("Sort a list.", "Write a class that keeps a running mean of numbers, with add() and "
+                                         "mean() methods and a docstring for each.")]
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id or 0
+    pad = tokenizer.encode(" self")[0]     # any id: a correct loop never looks at the padding, so make it visible
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
@@ -392,3 +493,94 @@ def check_ex_06_3(greedy_batch, weights, config, new_tokens=8):
                "must be the ones the prefill filled.")
     _wrong(f"row {row} differs at the very first new token: check the prefill (positions from the mask, caches for "
            "batch 2) and that the next token is the argmax of each row's last logits.")
+
+
+# --------------------------------------------------------------------------- notebook 07
+def check_ex_07_1(answer):
+    """Scale rows of Flash's global k_proj [768, 4096], 128 x 128 blocks, per head of 192 rows."""
+    if _unanswered(answer, "each head of 192 rows starts its own blocks: how many 128-row blocks does 192 rows need?"):
+        return False
+    answer = _integer(answer, "the number of scale rows")
+    if answer == 8:
+        return _correct("4 heads x ceil(192 / 128) = 4 x 2 = 8 rows: each head is one 128-row block and one 64-row block.")
+    if answer == 6:
+        _wrong("6 = ceil(768 / 128) is the uniform grid, blocks running across head boundaries. The checkpoint "
+               "was quantized per kv head: the blocks restart at rows 0, 192, 384, 576.")
+    if answer == 4:
+        _wrong("one scale row per head would need 192-row blocks; the blocks are 128 rows, so a head needs two.")
+    if answer == 32:
+        _wrong("32 = 4096 / 128 is the number of scale *columns* (the input side).")
+    _wrong("count per head: ceil(D / b) scale rows for each of the 4 heads.")
+
+
+def _hub_fp8_k_proj(layer):
+    import json
+    from pathlib import Path
+    from safetensors import safe_open
+    folder = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "hub-fp8"
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    name = f"model.layers.{layer}.self_attn.k_proj.weight"
+    out = []
+    for tensor in (name, name + "_scale_inv"):
+        with safe_open(folder / weight_map[tensor], framework="pt") as f:
+            out.append(f.get_tensor(tensor))
+    return out
+
+
+def check_ex_07_2(answer):
+    """Blocks without a 448 in layer 0's global k_proj of hub-fp8 under the 12-row grid."""
+    if _unanswered(answer, "course_fp8.blocks_without_448(fp8, course_fp8.uniform_row_index(48, 12), 16)"):
+        return False
+    answer = _integer(answer, "the number of blocks")
+    from .fp8 import blocks_without_448, per_head_row_index, uniform_row_index
+    fp8, scale = _hub_fp8_k_proj(0)
+    rows = fp8.shape[0]
+    right = blocks_without_448(fp8, uniform_row_index(rows, rows // scale.shape[0]), 16)
+    true_grid = blocks_without_448(fp8, per_head_row_index(rows, 16, 24), 16)
+    if answer == right:
+        return _correct(f"blocks without a 448 in the 12-row grid: {right} of 16, so the amax test rejects it, while "
+                        f"the per-head grid has {true_grid}. The dequantized weight was wrong by a factor of the "
+                        "neighbouring block's scale in the rows that took the wrong scale row.")
+    if answer == true_grid:
+        _wrong(f"{true_grid} is the count for the true per-head grid (r // 24 * 2 + r % 24 // 16). The exercise asks "
+               "about the 12-row grid, r // 12.")
+    _wrong("count again with blocks_without_448(fp8, uniform_row_index(48, 12), 16) on layer 0's k_proj: "
+           "4 row blocks x 4 column blocks, each either reaching 448 or not.")
+
+
+def check_ex_07_3(quantize):
+    """quantize(weight, block, head_size) -> (fp8, scale_inv): right grid shape, round trip, amax property."""
+    import torch
+    from .fp8 import FP8_MAX, blocks_without_448, dequantize, per_head_row_index, uniform_row_index
+    gen = torch.Generator().manual_seed(0)
+    cases = [("uniform, partial edge blocks", torch.randn(40, 72, generator=gen), (16, 16), None),
+             ("per head (2 heads of 24 rows)", torch.randn(48, 64, generator=gen) * 3, (16, 16), 24)]
+    for label, weight, block, head_size in cases:
+        try:
+            fp8, scale = quantize(weight, block, head_size)
+        except NotImplementedError:
+            print("not answered yet. Hint: row index per head or uniform (course.fp8), column index c // b, "
+                  "amax per block with scatter_reduce, scale = amax / 448, fp8 = (weight / scale[row][:, col]).to(FP8).")
+            return False
+        rows, cols = weight.shape
+        heads = rows // head_size if head_size else 1
+        d = head_size or rows
+        want_shape = (heads * -(-d // block[0]), -(-cols // block[1]))
+        if fp8.dtype != torch.float8_e4m3fn:
+            _wrong(f"{label}: fp8 must be torch.float8_e4m3fn, got {fp8.dtype}")
+        if tuple(scale.shape) != want_shape:
+            hint = " The blocks restart at every head: heads x ceil(D / b) rows." if head_size else ""
+            _wrong(f"{label}: scale_inv has shape {list(scale.shape)}, expected {list(want_shape)}.{hint}")
+        index = per_head_row_index(rows, block[0], head_size) if head_size else uniform_row_index(rows, block[0])
+        missing = blocks_without_448(fp8, index, block[1])
+        if missing:
+            _wrong(f"{label}: {missing} block(s) have no |fp8| = 448. With scale_inv = amax / 448 the largest entry of "
+                   "every block is exactly 448; did you divide by 448, and use the same grid for amax and for the division?")
+        error = (dequantize(fp8, scale, block, head_size) - weight).abs() / weight.abs().clamp_min(1e-3)
+        if error.max() > 2 ** -3:
+            _wrong(f"{label}: the round trip is off by up to {error.max():.0%} of a weight; e4m3 keeps 3 mantissa bits, "
+                   "so a correct quantizer is within 1/16 relative error.")
+        if not torch.all(scale.float() > 0) or fp8.float().abs().max() > FP8_MAX:
+            _wrong(f"{label}: scales must be positive and |fp8| at most 448.")
+    return _correct("both grids: right scale shapes, every block reaches 448, and dequantize(quantize(w)) is within "
+                    "e4m3's rounding of w.")

@@ -258,3 +258,53 @@ def kv_measured(measured, formula, title):
     ax.legend(fontsize=8.5); ax.grid(alpha=0.3); ax.set_xlim(0, None); ax.set_ylim(0, None)
     fig.tight_layout()
     return fig
+
+
+# --- notebooks 04-08 ---
+# (course helper B's section: figures of notebooks 04 to 08)
+
+
+# ---------------------------------------------------------------- notebook 07
+def hidden_state_errors(errors, bf16=(), floor=1e-9, tolerance=1e-4):
+    """errors {case: [max |diff| of hidden state K]} on a log scale; bf16 cases dashed; 0 drawn at the floor."""
+    fig, ax = plt.subplots(figsize=(10, 4.3))
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, values) in enumerate(errors.items()):
+        ax.plot(range(len(values)), [max(v, floor) for v in values], marker="os^vD<>"[i % 7], markersize=4,
+                color=colors[i % 10], linestyle="--" if name in bf16 else "-", label=name)
+    ax.axhline(tolerance, color="black", linewidth=1, linestyle=":")
+    ax.text(0, tolerance * 1.4, f"float32 / FP8 tolerance {tolerance:g}", fontsize=8)
+    ax.text(0, 1.5 * floor, "bit-identical (0) is drawn here", fontsize=8, va="bottom")
+    ax.set_yscale("log"); ax.set_ylim(floor / 2, 5)
+    ax.set_xlabel("hidden state K (0 = embeddings, K = output of layer K-1, last = final norm)")
+    ax.set_ylabel("max |minimimo - official|")
+    ax.set_title("every hidden state against the official implementation (dashed: bfloat16)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def fp8_grids(magnitude, grids, misses, block, head_size, name):
+    """|fp8| of one weight under several row grids; each block labelled with its max (green = 448)."""
+    rows, cols = magnitude.shape
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.4 * len(grids), 4.2), sharey=True)
+    for ax, (grid, row_index) in zip(axes, grids.items()):
+        ax.imshow(magnitude, cmap="Greys", vmin=0, vmax=448, aspect="auto")
+        edges = [0] + [r for r in range(1, rows) if row_index[r] != row_index[r - 1]] + [rows]
+        for top, bottom in zip(edges[:-1], edges[1:]):
+            ax.axhline(top - 0.5, color="tab:blue", linewidth=1.5)
+            for c0 in range(0, cols, block):
+                block_max = magnitude[top:bottom, c0:c0 + block].max().item()
+                ax.text(c0 + block / 2 - 0.5, (top + bottom) / 2 - 0.5, f"{block_max:.0f}", ha="center", va="center",
+                        fontsize=9, color="white",
+                        bbox=dict(boxstyle="round,pad=0.15", fc="tab:green" if block_max == 448 else "tab:red", ec="none"))
+        for c0 in range(block, cols, block):
+            ax.axvline(c0 - 0.5, color="tab:blue", linewidth=0.8)
+        for head in range(1, rows // head_size):
+            ax.axhline(head * head_size - 0.5, color="tab:orange", linewidth=2.5, linestyle="--")
+        ax.set_title(f"{grid}\n{misses[grid]} block(s) with max |fp8| < 448", fontsize=10)
+        ax.set_xlabel("input column")
+    axes[0].set_ylabel("row (orange: kv head boundary)")
+    fig.suptitle(f"{name}: |fp8| and the max of each block under {len(grids)} grids", fontsize=11)
+    fig.tight_layout()
+    return fig
