@@ -1,20 +1,27 @@
-"""Command line: `python -m minimimo [demo|info|generate|chat] ...` (also installed as `minimimo`).
+"""Command line: `minimimo COMMAND [options]`, or `python -m minimimo ...`.
 
-    minimimo                              # demo: load the default checkpoint, show it, generate
+    minimimo                              # = minimimo demo: load the embedded default, show it, generate
+    minimimo demo --model PATH            # the same for any hub-layout checkpoint
     minimimo info --flash                 # the real 309B configuration, parameters, KV memory table
-    minimimo generate --prompt "def fib"  # stream a continuation, tokens/s at the end
+    minimimo generate --prompt "def fib"  # stream a continuation, decode tokens/s at the end
+    minimimo generate --prompt "import os" --mtp-steps 3   # MTP drafting: acceptance length, histogram
     minimimo chat                         # interactive chat in the official ChatML format
-    minimimo plan --flash --gpus 8 --gpu-memory 80GiB   # memory plan per device
+    minimimo plan --flash --gpus 8 --gpu-memory 80GiB      # memory plan per device: does it fit?
     minimimo verify --model PATH          # minimimo vs the official implementation (transformers)
     torchrun --nproc-per-node N -m minimimo generate --model PATH --prompt ...   # tensor parallel
 
-`--model PATH` picks any hub-layout checkpoint directory; without it, the embedded default
-(`minimimo.default_checkpoint()`).
+`minimimo COMMAND --help` lists a command's options with their defaults. `--model PATH` picks a
+checkpoint directory; without it, the embedded default (`minimimo.default_checkpoint()`).
+
+Bad input (a number out of range, a size without a unit, a folder that is not a checkpoint) ends
+with one line that names it and exit status 2, never a traceback. Output piped into a reader that
+stops early (`| head`) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -22,14 +29,22 @@ from pathlib import Path
 
 import torch
 
-from .chat import Conversation
+from .chat import ContextFull, Conversation
 from .checkpoint import load
 from .config import MiMoConfig, human
 from .defaults import default_checkpoint
 from .generate import generate, stream
 from .tokenizer import Tokenizer
 
+# Decode threads. A small model decodes a token as a few dozen small matrix products: shared over
+# threads, each product waits for its slowest thread, and when another process holds a core that
+# wait is a whole scheduler time slice. Measured with `bench/threads.py` on the embedded default
+# (2 cores): 1 thread decodes as fast as 2 alone and far faster beside one busy process. A large
+# model on an idle machine gains from more: `--threads`.
+DEFAULT_THREADS = 1
 
+
+# ---------------------------------------------------------------------- printing
 def print_config(config: MiMoConfig) -> None:
     pattern = "".join("S" if s else "G" for s in config.hybrid_layer_pattern)
     ffn = "".join("E" if m else "D" for m in config.moe_layer_freq)
@@ -55,13 +70,7 @@ def print_memory_table(config: MiMoConfig, dtype: str = "bfloat16") -> None:
               f"   {a / h:5.2f}x")
 
 
-def cmd_info(args) -> int:
-    config = MiMoConfig.flash() if args.flash else MiMoConfig.from_pretrained(args.model or default_checkpoint())
-    print_config(config)
-    print_memory_table(config)
-    return 0
-
-
+# ---------------------------------------------------------------------- loading
 def load_model(directory: Path, args):
     """Load for this process: a tensor-parallel shard under torchrun (only rank 0 prints), else placed
     over --devices (with --weight-dtype), else on one device."""
@@ -73,55 +82,69 @@ def load_model(directory: Path, args):
         if dist.get_rank() != 0:
             sys.stdout = sys.stderr = open(os.devnull, "w")  # every rank computes, rank 0 speaks
         return load(directory, dtype=args.dtype, tensor_parallel=True, progress=False)
-    devices = args.devices.split(",") if getattr(args, "devices", None) else None
-    return load(directory, dtype=None if getattr(args, "weight_dtype", None) == "fp8" else args.dtype,
-                devices=devices, weight_dtype=getattr(args, "weight_dtype", None))
+    return load(directory, dtype=None if args.weight_dtype == "fp8" else args.dtype,
+                devices=args.devices, weight_dtype=args.weight_dtype)
 
 
 def load_with_tokenizer(args):
     directory = Path(args.model) if args.model else default_checkpoint()
     model = load_model(directory, args)
     if not (directory / "tokenizer.json").is_file():
-        raise SystemExit(f"{directory}: no tokenizer.json, so text cannot be encoded (use `minimimo demo`)")
+        raise FileNotFoundError(f"{directory}: no tokenizer.json, so text cannot be encoded (`minimimo demo` "
+                                "runs without one)")
     return directory, model, Tokenizer.from_pretrained(directory)
 
 
-def stream_text(model, tokenizer, prompt_ids, args, stop_ids) -> tuple[list[int], float]:
-    """Prints the continuation as it comes; returns the new ids and the decode tokens/s."""
+# ---------------------------------------------------------------------- generating
+def stream_text(model, tokenizer, prompt_ids, args, stop_ids, *, interruptible: bool = False):
+    """Prints the continuation as it comes; returns (new ids, decode tokens/s, tokens/s including
+    the prefill, interrupted). The decode rate starts when the prefill has chosen the first token.
+
+    interruptible: Ctrl-C ends this continuation (interrupted=True) instead of the program.
+    """
     decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
     ids = torch.tensor([prompt_ids])
-    new, start, first = [], time.perf_counter(), None
-    for token in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, stop_token_ids=stop_ids):
-        if first is None:
-            first = time.perf_counter()  # prefill done, first token chosen
-        token_id = int(token[0])
-        new.append(token_id)
-        if token_id in stop_ids:
-            break
-        print(decoder.push(token_id), end="", flush=True)
+    new, start, first, interrupted = [], time.perf_counter(), None, False
+    try:
+        for token in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=stop_ids):
+            if first is None:
+                first = time.perf_counter()  # prefill done, first token chosen
+            token_id = int(token[0])
+            new.append(token_id)
+            if token_id in stop_ids:
+                break
+            print(decoder.push(token_id), end="", flush=True)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        interrupted = True
     print(decoder.flush(), flush=True)
-    decode_time = time.perf_counter() - (first or start)
-    rate = (len(new) - 1) / decode_time if len(new) > 1 and decode_time > 0 else float("nan")
-    return new, rate
+    end = time.perf_counter()
+    decode = (len(new) - 1) / (end - first) if len(new) > 1 and end > first else float("nan")
+    overall = len(new) / (end - start) if new else float("nan")
+    return new, decode, overall, interrupted
 
 
 def cmd_generate(args) -> int:
     _, model, tokenizer = load_with_tokenizer(args)
     prompt_ids = tokenizer.encode(args.prompt)
-    if not prompt_ids:
-        raise SystemExit("empty prompt")
     print(args.prompt, end="", flush=True)
     stop_ids = tokenizer.eos_token_ids if args.stop_at_eos else []
     if args.mtp_steps:
         return generate_speculative(model, tokenizer, prompt_ids, args, stop_ids)
-    new, rate = stream_text(model, tokenizer, prompt_ids, args, stop_ids)
-    print(f"\n[{len(prompt_ids)} prompt tokens, {len(new)} new tokens, decode {rate:.1f} tokens/s]", file=sys.stderr)
+    new, decode, overall, _ = stream_text(model, tokenizer, prompt_ids, args, stop_ids)
+    print(f"\n[{len(prompt_ids)} prompt tokens, {len(new)} new tokens, decode {decode:.1f} tokens/s, "
+          f"{overall:.1f} tokens/s with the prefill]", file=sys.stderr)
     return 0
 
 
 def generate_speculative(model, tokenizer, prompt_ids, args, stop_ids) -> int:
-    """MTP drafting: the text, then the acceptance length and its histogram."""
+    """MTP drafting: the text, then the rate and the acceptance length with its histogram.
+
+    `generate(..., mtp_steps=k)` returns when it is done, so the text is printed at the end and only
+    the rate with the prefill is known; plain `generate` prints that rate too, for comparison.
+    """
     start = time.perf_counter()
     ids, stats = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, mtp_steps=args.mtp_steps,
                           return_stats=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -129,8 +152,9 @@ def generate_speculative(model, tokenizer, prompt_ids, args, stop_ids) -> int:
     elapsed = time.perf_counter() - start
     new = ids[0, len(prompt_ids):].tolist()
     print(tokenizer.decode(new, skip_special_tokens=True), flush=True)
-    print(f"\n[{len(new)} new tokens in {elapsed:.2f}s ({len(new) / elapsed:.1f} tokens/s incl. prefill), "
-          f"mtp_steps={args.mtp_steps}, mean acceptance length {stats.mean_accept_length:.2f}]", file=sys.stderr)
+    print(f"\n[{len(prompt_ids)} prompt tokens, {len(new)} new tokens, {len(new) / elapsed:.1f} tokens/s with the "
+          f"prefill, mtp_steps={args.mtp_steps}, mean acceptance length {stats.mean_accept_length:.2f}]",
+          file=sys.stderr)
     histogram = stats.histogram()
     for n, count in histogram.items():
         bar = "#" * round(40 * count / max(1, max(histogram.values())))
@@ -138,26 +162,55 @@ def generate_speculative(model, tokenizer, prompt_ids, args, stop_ids) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- chat
+def read_line(prompt: str) -> str | None:
+    """One line from the user; None at the end of input or on Ctrl-C at the prompt."""
+    try:
+        return input(prompt)
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+        return None
+
+
 def cmd_chat(args) -> int:
     _, model, tokenizer = load_with_tokenizer(args)
+    context = model.config.max_position_embeddings
+    if args.max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                         f"{context}-token context of this model")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused, not fatal
     conversation = Conversation()
-    print("chat with the model; an empty line or /exit ends it", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
+    print("chat with the model; an empty line, /exit or Ctrl-D ends it; Ctrl-C stops a reply", file=sys.stderr)
+    while (line := read_line("you> ")) is not None:
+        line = line.strip()
         if not line or line == "/exit":
             break
+        if (problem := not_utf8(line)) is not None:
+            print(f"[that line is not UTF-8 text ({problem}); not sent]", file=sys.stderr)
+            continue
         conversation.add_user(line)
-        prompt_ids = tokenizer.encode(conversation.prompt(enable_thinking=args.think))
+        before = len(conversation.messages)
+        try:
+            prompt_ids = conversation.prompt_ids(tokenizer, enable_thinking=args.think,
+                                                 max_tokens=context - args.max_new_tokens)
+        except ContextFull as err:
+            print(f"[not sent: {err} ({context} tokens, less --max-new-tokens {args.max_new_tokens} for the "
+                  "reply); the conversation goes on without it]", file=sys.stderr)
+            continue
+        if len(conversation.messages) < before:
+            print(f"[context full: the {before - len(conversation.messages)} oldest messages are forgotten]",
+                  file=sys.stderr)
         print("mimo> ", end="", flush=True)
-        new, rate = stream_text(model, tokenizer, prompt_ids, args, tokenizer.eos_token_ids)
-        conversation.add_assistant(tokenizer.decode(new))
-        print(f"[{rate:.1f} tokens/s]", file=sys.stderr)
+        new, decode, _, interrupted = stream_text(model, tokenizer, prompt_ids, args, tokenizer.eos_token_ids,
+                                                  interruptible=True)
+        reply = new[:-1] if new and new[-1] in tokenizer.eos_token_ids else new
+        conversation.add_assistant(tokenizer.decode(reply))
+        print("[reply stopped]" if interrupted else f"[{decode:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
+# ---------------------------------------------------------------------- the other commands
 def cmd_demo(args) -> int:
     directory = Path(args.model) if args.model else default_checkpoint()
     print(f"checkpoint   {directory}")
@@ -173,8 +226,15 @@ def cmd_demo(args) -> int:
         print(f"generate     greedy continuation of {prompt!r}:\n")
         print(prompt, end="")
         args.temperature, args.top_k, args.top_p, args.seed = 0.0, 0, 1.0, None
-        new, rate = stream_text(model, tokenizer, tokenizer.encode(prompt), args, tokenizer.eos_token_ids)
-        print(f"\n[{len(new)} new tokens, decode {rate:.1f} tokens/s]")
+        new, decode, _, _ = stream_text(model, tokenizer, tokenizer.encode(prompt), args, tokenizer.eos_token_ids)
+        print(f"\n[{len(new)} new tokens, decode {decode:.1f} tokens/s]")
+    return 0
+
+
+def cmd_info(args) -> int:
+    config = MiMoConfig.flash() if args.flash else MiMoConfig.from_pretrained(args.model or default_checkpoint())
+    print_config(config)
+    print_memory_table(config)
     return 0
 
 
@@ -197,69 +257,214 @@ def cmd_verify(args) -> int:
     """minimimo against the official implementation (transformers) on the same checkpoint."""
     from .verify import verify
 
-    report = verify(args.model, dtype=args.dtype, devices=args.devices.split(",") if args.devices else None,
-                    weight_dtype=args.weight_dtype, tokens=args.tokens)
+    report = verify(args.model, dtype=args.dtype, devices=args.devices, weight_dtype=args.weight_dtype,
+                    tokens=args.tokens)
     print(report.summary())
     return 0 if report.ok(args.atol) else 1
 
 
-def add_model(p) -> None:
-    p.add_argument("--model", help="checkpoint directory (hub layout); default: the embedded checkpoint")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--devices", help="place the layers over these devices, e.g. cuda:0,cuda:1 (or cpu,cpu)")
+# ---------------------------------------------------------------------- argument types
+# Each turns one command-line string into a value or refuses it with a message that argparse
+# prints after the option's name ("argument --seed: must be ...").
+def integer(low: int, high: int | None = None):
+    """An int in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
+def real(low: float, high: float | None = None, *, low_open: bool = False):
+    """A finite float in [low, high] (or (low, high] with low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
+        return value
+    return parse
+
+
+def not_utf8(text: str) -> str | None:
+    """None for text that is valid UTF-8; else where it is not. Python keeps undecodable bytes of
+    the command line and of stdin as lone surrogates (U+DC80..U+DCFF), which cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character {bad!r}"
+        return f"{byte} at character {err.start}"
+    return None
+
+
+def prompt_text(text: str) -> str:
+    if (problem := not_utf8(text)) is not None:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: {problem}")
+    if not text:
+        raise argparse.ArgumentTypeError("empty prompt")
+    return text
+
+
+def device_list(text: str) -> list[str]:
+    """"cuda:0,cuda:1" -> ["cuda:0", "cuda:1"]; each must be a torch device name."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} does not name a device in every place: give a comma-separated "
+                                         "list such as cuda:0,cuda:1 or cpu")
+    for name in names:
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a device name (cpu, cuda:0, ...)") from None
+    return names
+
+
+def memory_size(text: str) -> str:
+    """"80GiB" or "141GB", checked here and read by `plan.parse_memory`. A unit is required: a bare
+    "80" would be 80 bytes, which nobody means."""
+    from .plan import parse_memory
+
+    if text.strip().replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"give a unit: {text.strip()}GiB (2**30 bytes) or {text.strip()}GB (10**9)")
+    try:
+        size = parse_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return text
+
+
+# ---------------------------------------------------------------------- the parser
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks; shows each option's default, unless it has none or is a
+    switch (an option without a value, nargs == 0)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line: `minimimo plan: error: argument --gpus: ... (see --help)`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model(p, *, required: bool = False) -> None:
+    p.add_argument("--model", required=required,
+                   help="checkpoint directory in the hub layout" + ("" if required else "; default: the embedded one"))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the weights and activations")
+    p.add_argument("--devices", type=device_list,
+                   help="place the layers over these devices, e.g. cuda:0,cuda:1 (or cpu,cpu); default: one device")
     p.add_argument("--weight-dtype", choices=["fp8", "bf16", "fp32"],
-                   help="fp8: keep FP8 weights in FP8 on the device (other tensors bf16)")
+                   help="how to keep the weights on the devices; fp8 keeps FP8 weights in FP8 (the rest bf16); "
+                        "default: all in --dtype")
+    p.add_argument("--threads", type=integer(1), default=DEFAULT_THREADS,
+                   help="CPU threads for torch; few suit a small model (see bench/threads.py)")
 
 
-def add_sampling(p) -> None:
+def add_sampling(p, max_new_tokens: int) -> None:
     add_model(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=integer(1), default=max_new_tokens, help="most tokens to generate")
+    p.add_argument("--temperature", type=real(0), default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=integer(0), default=0, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=real(0, 1, low_open=True), default=1.0,
+                   help="sample among the most likely tokens whose probabilities add up to p; 1 = all")
+    p.add_argument("--seed", type=integer(0, 2**64 - 1), help="random seed of the sampling; default: fresh each run")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="minimimo", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"minimimo {_version()}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
+    def command(name: str, summary: str, func, **defaults):
+        p = sub.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+        p.set_defaults(func=func, **defaults)
+        return p
+
+    p = command("demo", "load a checkpoint (default: the embedded one), show it, and generate greedily (the "
+                "command when none is given)", cmd_demo)
+    add_sampling(p, max_new_tokens=48)
+    p = command("info", "configuration, parameter counts and KV-cache memory of a checkpoint", cmd_info)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", help="checkpoint directory or config.json; default: the embedded checkpoint")
+    g.add_argument("--flash", action="store_true", help="the real MiMo-V2-Flash configuration instead")
+    p = command("generate", "stream a continuation of --prompt, then the prompt and new token counts and tokens/s",
+                cmd_generate)
+    p.add_argument("--prompt", required=True, type=prompt_text, help="the text to continue (UTF-8)")
+    p.add_argument("--no-stop", dest="stop_at_eos", action="store_false",
+                   help="keep generating past end-of-text tokens")
+    p.add_argument("--mtp-steps", type=integer(0), default=0,
+                   help="draft this many tokens per step with the MTP blocks (1 to the checkpoint's number of "
+                        "blocks) and print the acceptance histogram; 0 = plain decoding")
+    add_sampling(p, max_new_tokens=64)
+    p = command("chat", "interactive chat in the ChatML format (thinking off unless --think); when the context "
+                "fills, the oldest turns are forgotten", cmd_chat)
+    p.add_argument("--think", action="store_true", help="let the model open a <think> block before answering")
+    add_sampling(p, max_new_tokens=256)
+    p = command("plan", "memory plan: which device holds which layers, and whether it fits", cmd_plan)
+    p.add_argument("--model", help="checkpoint directory or config.json; default: the real MiMo-V2-Flash (--flash)")
+    p.add_argument("--flash", action="store_true", help="the real MiMo-V2-Flash configuration")
+    p.add_argument("--gpus", type=integer(1), default=8, help="number of devices")
+    p.add_argument("--gpu-memory", type=memory_size, default="80GiB",
+                   help="memory per device with its unit: 80GiB (2**30 bytes), 141GB (10**9 bytes)")
+    p.add_argument("--weight-dtype", default="fp8", choices=["fp8", "bf16", "fp32"], help="how weights are kept")
+    p.add_argument("--kv-dtype", default="bf16", help="dtype of the KV cache: bf16, fp16, fp32 or fp8")
+    p.add_argument("--context", type=integer(1), default=4096, help="tokens per sequence the KV cache holds")
+    p.add_argument("--batch", type=integer(1), default=1, help="sequences decoded at once")
+    p = command("verify", "compare minimimo with the official implementation on a checkpoint (needs transformers)",
+                cmd_verify)
+    add_model(p, required=True)
+    p.add_argument("--tokens", type=integer(1), default=32, help="prompt tokens run through both models")
+    p.add_argument("--atol", type=real(0), default=1e-3, help="largest logit difference accepted")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minimimo", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("demo", help="load a checkpoint (default: the embedded one), show it, generate")
-    add_sampling(p)
-    p.set_defaults(func=cmd_demo, max_new_tokens=48)
-    p = sub.add_parser("info", help="configuration, parameter counts and KV-cache memory")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", help="checkpoint directory or config.json")
-    g.add_argument("--flash", action="store_true", help="the real MiMo-V2-Flash configuration")
-    p.set_defaults(func=cmd_info)
-    p = sub.add_parser("generate", help="stream a continuation of --prompt")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--no-stop", dest="stop_at_eos", action="store_false", help="do not stop at end-of-text tokens")
-    p.add_argument("--mtp-steps", type=int, default=0, help="draft k tokens per cycle with the MTP blocks (1..3)")
-    add_sampling(p)
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("chat", help="interactive chat (ChatML, thinking off unless --think)")
-    p.add_argument("--think", action="store_true", help="let the model open a <think> block")
-    add_sampling(p)
-    p.set_defaults(func=cmd_chat, max_new_tokens=256)
-    p = sub.add_parser("plan", help="memory plan: which device holds what, and does it fit")
-    p.add_argument("--model", help="checkpoint directory or config.json (default: --flash)")
-    p.add_argument("--flash", action="store_true", help="the real MiMo-V2-Flash configuration")
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpu-memory", default="80GiB", help="per device, e.g. 80GiB, 141GB")
-    p.add_argument("--weight-dtype", default="fp8", choices=["fp8", "bf16", "fp32"])
-    p.add_argument("--kv-dtype", default="bf16")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=1)
-    p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("verify", help="compare with the official implementation (needs transformers)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--devices")
-    p.add_argument("--weight-dtype", choices=["fp8", "bf16", "fp32"])
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--atol", type=float, default=1e-3, help="largest logit difference accepted")
-    p.set_defaults(func=cmd_verify)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["demo", *argv]  # `minimimo` alone, or with demo's options, is the demo
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "threads"):
+        torch.set_num_threads(args.threads)
+    try:
+        status = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader gone early is noticed here, not at exit
+        return status
+    except (ValueError, OSError) as err:  # bad input, named by the package: one line, no traceback
+        if isinstance(err, BrokenPipeError):
+            return closed_pipe()
+        print(f"minimimo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130  # the shell's status for a program ended by Ctrl-C (128 + SIGINT)
+
+
+def closed_pipe() -> int:
+    """The reader of our output went away (`minimimo info --flash | head -3`): stop quietly. Output
+    still buffered would fail again at exit, so stdout is pointed at /dev/null first."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # what a program killed by SIGPIPE reports (128 + 13)
