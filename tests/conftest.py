@@ -33,3 +33,18 @@ def tiny_model():
     from minimimo import MiMoConfig, MiMoForCausalLM
 
     return MiMoForCausalLM(MiMoConfig.tiny()).init_weights(seed=0).eval()
+
+
+# `slow`: too slow for every CI run (minutes, or GBs on disk). Skipped unless asked for with
+# `pytest --run-slow` or a marker expression that names it (`pytest -m slow`).
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
