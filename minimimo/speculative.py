@@ -1,26 +1,47 @@
 """Speculative decoding with the MTP blocks: draft k tokens, verify them in one main-model pass.
 
-One cycle, for a row whose main hidden states are known up to position `last` and whose tokens
-are verified up to `last + 1`:
+Every row of the batch keeps its tokens by position (no padding) and `last`, the last position
+whose main hidden state is known. Token t_{last+1} is verified (chosen by the main model) but has
+not been run through it yet. One cycle:
 
-1. **extend** — each MTP block k catches up on the positions q whose input token t_{q+k+1} is
-   now verified (block 0 up to `last`, block k up to `last - k`). Block 0's output at `last` is
-   the first draft d1 (a guess for t_{last+2}).
-2. **draft** — in the same pass, block k (k >= 1) also runs positions last-k+1 .. last with the
-   drafts d1 .. dk as its tokens (its chain of inputs) and drafts d_{k+1} at `last`. Those
-   positions stay speculative: the block's cache is rolled back right after.
-3. **verify** — the main model runs [t_{last+1}, d1, ..., dk] at positions last+1 .. last+k+1
-   in one forward. Greedy: accept the longest prefix of drafts equal to the main model's argmax,
-   plus one token from the main model (the first disagreement, or the token after the last
-   draft). Sampling: accept d_j with probability min(1, p(d_j) / q(d_j)) and on rejection sample
-   from max(0, p - q), renormalised, so the output distribution is exactly the main model's.
-4. **roll back** — every cache forgets the positions of rejected drafts (`truncate`): caches are
-   position-indexed and every ring has k spare slots, so nothing a later query needs was
-   overwritten.
+    positions      ... last | last+1    | last+2  last+3  last+4
+    tokens         ... t    | t_{last+1}| d1      d2      d3        (k = 3 drafts)
 
-Each cycle produces 1 .. k+1 tokens per main-model forward; their mean is the acceptance length.
-Rows of a batch advance at their own speed (positions are per row; shorter inputs are padded
-with position -1, which nothing sees).
+1. **draft** (`draft`): MTP block j reads the main hidden state h_q and token t_{q+j+1}. It first
+   catches up on the positions whose input token is verified (block 0 up to `last`, block j up to
+   `last - j`), then, in the same pass, runs the rest of the way to `last` on the drafts
+   d1 .. dj as inputs and guesses d_{j+1} at `last`. Those positions are speculative: the block
+   forgets them at the end of the cycle.
+2. **verify** (`verify`): the main model runs [t_{last+1}, d1, ..., dk] at positions
+   last+1 .. last+k+1 in one forward: k+1 next-token distributions for the price of one pass.
+3. **accept** — pure functions of tensors, each tested alone:
+   `accept_greedy` keeps the longest prefix of drafts equal to the main model's argmax, then
+   takes the main model's own next token (the first disagreement, or the token after the last
+   draft). `accept_sampled` keeps d_j with probability min(1, p(d_j) / q(d_j)) and, on the first
+   rejection, samples from max(0, p - q) renormalised: the output has exactly the main model's
+   distribution (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318).
+4. **commit and roll back** (`commit`, `roll_back`): the accepted drafts and the next token join
+   the row (up to its first stop token and `max_new_tokens`); every cache forgets the positions
+   of rejected drafts (`truncate`). Caches are position-indexed and every ring has k spare slots,
+   so nothing a later query needs was overwritten.
+
+Each cycle yields 1 .. k+1 tokens per main-model forward; their mean is the acceptance length.
+
+**Batches.** Rows advance at their own speed: positions are per row, prompts are left-padded with
+position -1, and a row that has finished (stop token or `max_new_tokens`) runs its later cycles
+at position -1 too, so it writes nothing and moves no cache.
+
+**"Lossless", and batch invariance.** In exact arithmetic greedy drafting returns the plain
+greedy tokens and sampling the main model's distribution. On a computer, the verify pass scores
+t_{last+1}, d1, ... in one (k+1)-token forward while plain decoding scores them one token at a
+time; the matrix products then have other shapes and may sum in another order, so a logit can
+differ in its last bits. In float32 on the CPU that has not changed a single argmax here (the
+tests hold speculative == plain greedy token for token, batched, on the bundled checkpoint). In
+bfloat16 (8 bits of mantissa) two near-tied logits can swap, and from there the texts part: still
+the main model's greedy text for *some* rounding, but not the plain loop's. GPU kernels in
+bfloat16 are in general not batch-invariant (a row's result depends on how many rows or tokens
+share the kernel call), so the same holds there; exactness needs float32 or batch-invariant
+kernels.
 """
 
 from __future__ import annotations
@@ -30,8 +51,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import HybridCache, RingLayerCache
-from .generate import check_generation_args, filter_logits, positions_from_mask
 from .mtp import mtp_hidden_input, mtp_logits
+from .sampling import Sampler, check_generation_args, positions_from_mask, stop_token_set, whole_number
 
 
 @dataclass
@@ -45,6 +66,54 @@ class SpeculativeStats:
 
     def histogram(self) -> dict[int, int]:
         return {n: self.accept_lengths.count(n) for n in range(1, self.mtp_steps + 2)}
+
+
+# --- 3. accept: pure tensor functions ----------------------------------------------------------
+
+def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts [b, k], the main model's argmax at the k+1 verify positions [b, k+1] ->
+    (number of accepted drafts [b], the main model's next token after them [b])."""
+    k = drafts.shape[1]
+    accepted = (target_ids[:, :k] == drafts).long().cumprod(1).sum(1)  # length of the agreeing prefix
+    return accepted, target_ids.gather(1, accepted[:, None]).squeeze(1)
+
+
+def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
+                   uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts [b, k] drawn from draft_probs q [b, k, V]; target_probs p [b, k+1, V]; uniforms
+    [b, k] in [0, 1) -> (number of accepted drafts a [b], distribution of the next token [b, V]).
+
+    Draft j is kept while u_j < p(d_j) / q(d_j). After a rejection at j the next token comes from
+    max(0, p_j - q_j) renormalised; after k acceptances from p_k, the target after the last draft.
+    """
+    b, k = drafts.shape
+    p_draft = target_probs[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # p(d_j) [b, k]
+    q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)  # q(d_j) [b, k]
+    accepted = (uniforms * q_draft < p_draft).long().cumprod(1).sum(1)  # [b]
+    rows = torch.arange(b, device=drafts.device)
+    p_next = target_probs[rows, accepted]  # [b, V]
+    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, accepted]  # 0 after k
+    residual = (p_next - q_next).clamp_min(0)
+    total = residual.sum(-1, keepdim=True)
+    # an all-zero residual means p == q at the rejected draft (rounding only): any p-sample is right
+    return accepted, torch.where(total > 0, residual / total.clamp_min(1e-30), p_next)
+
+
+# --- the state of every row ---------------------------------------------------------------------
+
+@dataclass
+class Rows:
+    """Where each row of the batch stands (every tensor has the batch axis first)."""
+
+    tokens: torch.Tensor  # [b, capacity] token ids by position: the prompt, then the new tokens
+    hidden: torch.Tensor  # [b, capacity, c] the main hidden state per position, as the MTP blocks read it
+    last: torch.Tensor  # [b] last position with a main hidden state (t_{last+1} is verified, not run)
+    produced: torch.Tensor  # [b] new tokens so far
+    stopped: torch.Tensor  # [b] bool: emitted a stop token
+    mtp_clean: list[torch.Tensor]  # per MTP block [b]: its cache holds verified inputs below this position
+
+    def active(self, max_new_tokens: int) -> torch.Tensor:
+        return ~self.stopped & (self.produced < max_new_tokens)
 
 
 def ragged_positions(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -63,12 +132,110 @@ def gather_rows(buffer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_rows(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer[b, positions[b, t]] = values[b, t] wherever positions >= 0."""
     rows, cols = (positions >= 0).nonzero(as_tuple=True)
     buffer[rows, positions[rows, cols]] = values[rows, cols]
 
 
-def distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    return filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+# --- 1. draft, 2. verify, 4. commit and roll back -----------------------------------------------
+
+def draft(model, state: Rows, mtp_caches, active, sampler: Sampler | None):
+    """Runs MTP block j over positions mtp_clean[j] .. last of every active row -> drafts [b, k],
+    and their distributions [b, k, V] when sampling (None when greedy)."""
+    rows = torch.arange(len(state.last), device=state.last.device)
+    drafts, draft_probs = [], []
+    for j, cache in enumerate(mtp_caches):
+        start = state.mtp_clean[j]
+        pos = ragged_positions(start, torch.where(active, state.last + 1, start))  # [b, t]; finished rows: -1
+        inputs = gather_rows(state.tokens, (pos + j + 1).where(pos >= 0, -1))  # t_{q+j+1}, drafts past last+1
+        out = mtp_logits(model, j, inputs, gather_rows(state.hidden, pos), pos, cache)
+        logits = out[rows, (state.last - start).clamp(0, out.shape[1] - 1)]  # at q = last: guesses t_{last+j+2}
+        if sampler is None:
+            guess = logits.argmax(-1)
+        else:
+            draft_probs.append(sampler.distribution(logits))
+            guess = sampler.sample(draft_probs[-1])
+        drafts.append(guess)
+        scatter_rows(state.tokens, torch.where(active, state.last + 2 + j, -1)[:, None], guess[:, None])
+        state.mtp_clean[j] = torch.where(active, torch.maximum(start, state.last - j + 1), start)
+    return torch.stack(drafts, 1), (torch.stack(draft_probs, 1) if draft_probs else None)
+
+
+def verify(model, state: Rows, drafts, cache, active):
+    """[t_{last+1}, d1..dk] at positions last+1 .. last+k+1 in one main forward -> logits
+    [b, k+1, V] and the hidden states the MTP blocks read [b, k+1, c]."""
+    k = drafts.shape[1]
+    rows = torch.arange(len(state.last), device=drafts.device)
+    positions = state.last[:, None] + 1 + torch.arange(k + 1, device=drafts.device)
+    positions = positions.where(active[:, None], -1)  # finished rows write nothing
+    ids = torch.cat([state.tokens[rows, state.last + 1][:, None], drafts], 1)
+    h = model.trunk(ids, positions=positions, cache=cache)[-1]
+    return model.logits(h), mtp_hidden_input(model, h.to(drafts.device))
+
+
+def commit(state: Rows, drafts, accepted, next_token, hidden, active, stop, max_new_tokens) -> None:
+    """Appends d1..d_a and the next token to every active row, cut after its first stop token and
+    at max_new_tokens; keeps the verified positions' hidden states and moves `last` past them."""
+    k = drafts.shape[1]
+    slot = torch.arange(k + 1, device=drafts.device)
+    new = torch.where(slot < accepted[:, None], torch.cat([drafts, next_token[:, None]], 1),
+                      next_token[:, None])  # [b, k+1]: d1 .. d_a, the next token, (not used)
+    count = accepted + 1
+    if len(stop):
+        is_stop = torch.isin(new, stop) & (slot < count[:, None])
+        first_stop = is_stop.float().argmax(1) + 1
+        state.stopped |= is_stop.any(1) & active
+        count = torch.where(is_stop.any(1), first_stop, count)
+    count = torch.where(active, torch.minimum(count, max_new_tokens - state.produced), 0)
+    kept = slot < count[:, None]
+    scatter_rows(state.tokens, torch.where(kept, state.last[:, None] + 2 + slot, -1), new)
+    scatter_rows(state.hidden, torch.where(kept, state.last[:, None] + 1 + slot, -1), hidden)
+    state.last += count
+    state.produced += count
+
+
+def roll_back(state: Rows, cache: HybridCache, mtp_caches) -> None:
+    """Every cache forgets what was not verified: the main model keeps positions up to `last` (the
+    next token t_{last+1} runs in the next verify), MTP block j keeps those below mtp_clean[j]."""
+    cache.truncate(state.last + 1)
+    for j, mtp_cache in enumerate(mtp_caches):
+        mtp_cache.truncate(state.mtp_clean[j].to(mtp_cache.pos.device))
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def prefill(model, input_ids, mask, k: int, max_new_tokens: int, sampler: Sampler | None, stop):
+    """The prompt through the main model -> (Rows with the first new token, main cache, MTP caches)."""
+    config, device, dtype = model.config, model.device, model.dtype
+    b, width = input_ids.shape
+    capacity = width + max_new_tokens + k  # the prompt, the new tokens and one cycle's drafts
+    cache = HybridCache(config, b, dtype=dtype, device=model.layer_devices(), max_length=capacity, reserve=k)
+    mtp_caches = [RingLayerCache(block.geometry, b, dtype, block.enorm.weight.device, reserve=k)
+                  for block in model.model.mtp.layers[:k]]
+    positions = positions_from_mask(mask)
+    h = model.trunk(input_ids, positions=positions, cache=cache)[-1]
+    logits = model.logits(h[:, -1])
+    first = logits.argmax(-1) if sampler is None else sampler.sample(sampler.distribution(logits))
+    state = Rows(tokens=torch.zeros(b, capacity, dtype=torch.long, device=device),
+                 hidden=torch.zeros(b, capacity, config.hidden_size, dtype=dtype, device=device),
+                 last=mask.sum(1) - 1, produced=torch.ones(b, dtype=torch.long, device=device),
+                 stopped=torch.isin(first, stop),
+                 mtp_clean=[torch.zeros(b, dtype=torch.long, device=device) for _ in range(k)])
+    scatter_rows(state.tokens, positions, input_ids)
+    scatter_rows(state.hidden, positions, mtp_hidden_input(model, h.to(device)))
+    state.tokens[torch.arange(b, device=device), state.last + 1] = first
+    return state, cache, mtp_caches
+
+
+def new_tokens(state: Rows, prompt_len, max_new_tokens: int, stop, pad_token_id) -> torch.Tensor:
+    """The new tokens [b, n] as plain decoding returns them: after its stop token a row repeats it
+    (or pad_token_id); n = max_new_tokens unless every row stopped before."""
+    n = int(state.produced.max()) if len(stop) and bool(state.stopped.all()) else max_new_tokens
+    steps = torch.arange(n, device=prompt_len.device)
+    ids = gather_rows(state.tokens, prompt_len[:, None] + steps)
+    last_ids = ids.gather(1, (state.produced[:, None] - 1).clamp(0, n - 1))
+    filler = last_ids if pad_token_id is None else torch.full_like(last_ids, pad_token_id)
+    return torch.where(steps < state.produced[:, None], ids, filler)
 
 
 @torch.no_grad()
@@ -77,120 +244,30 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
                          attention_mask=None, pad_token_id: int | None = None):
     """Same contract as `generate.generate`, drafting `mtp_steps` tokens per cycle. -> (ids, stats)."""
     check_generation_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
-    config, K = model.config, mtp_steps
-    if not 1 <= K <= config.num_mtp_layers:
-        raise ValueError(f"mtp_steps={K}, but this checkpoint has {config.num_mtp_layers} MTP blocks "
-                         f"(drafting needs 1..{config.num_mtp_layers})")
-    device, dtype = model.device, model.dtype
-    b, width = input_ids.shape
+    k, blocks = whole_number("mtp_steps", mtp_steps), model.config.num_mtp_layers
+    if not 1 <= k <= blocks:
+        raise ValueError(f"mtp_steps={k}, but this checkpoint has {blocks} MTP blocks (drafting needs 1..{blocks})")
+    stats = SpeculativeStats(k)
+    if max_new_tokens == 0:
+        return input_ids.clone(), stats
+    device = model.device
     input_ids = input_ids.to(device)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    stop = torch.tensor(sorted(set([stop_token_ids] if isinstance(stop_token_ids, int) else stop_token_ids or [])),
-                        dtype=torch.long, device=device)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+    stop = stop_token_set(stop_token_ids, device)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-    stats = SpeculativeStats(K)
+    sampler = None if temperature == 0 else Sampler(temperature, top_k, top_p, generator)
 
-    capacity = width + max_new_tokens + K + 2
-    tokens = torch.zeros(b, capacity, dtype=torch.long, device=device)  # by position, no padding
-    hidden = torch.zeros(b, capacity, config.hidden_size, dtype=dtype, device=device)  # MTP input per position
-    cache = HybridCache(config, b, dtype=dtype, device=model.layer_devices(), max_length=capacity, reserve=K)
-    mtp_caches = [RingLayerCache(block.geometry, b, dtype, block.enorm.weight.device, reserve=K)
-                  for block in model.model.mtp.layers]
-
-    # prefill: the prompt through the main model
-    positions = positions_from_mask(mask)
-    prompt_len = mask.sum(1)
-    scatter_rows(tokens, positions, input_ids)
-    h = model.trunk(input_ids, positions=positions, cache=cache)[-1]
-    scatter_rows(hidden, positions, mtp_hidden_input(model, h.to(device)))
-    logits = model.logits(h[:, -1])
-    first = logits.argmax(-1) if temperature == 0 else torch.multinomial(
-        distribution(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
-    last = prompt_len - 1  # last position with a main hidden state
-    tokens[torch.arange(b), last + 1] = first
-    produced = torch.ones(b, dtype=torch.long, device=device)  # new tokens so far (first included)
-    done = torch.isin(first, stop) if len(stop) else torch.zeros(b, dtype=torch.bool, device=device)
-    mtp_done = [torch.zeros(b, dtype=torch.long, device=device) for _ in range(K)]  # clean up to here
-    rows = torch.arange(b, device=device)
-
-    while not bool((done | (produced >= max_new_tokens)).all()):
-        # 1-2. block k runs once over positions mtp_done[k]..last: up to last-k its input tokens are
-        # verified (extend), after that they are the drafts d1..dk (draft); its output at `last`
-        # is the next draft. The draft positions are rolled back right after.
-        draft_tokens, draft_probs = [], []
-        for k in range(K):
-            pos = ragged_positions(mtp_done[k], last + 1)
-            out = mtp_logits(model, k, gather_rows(tokens, (pos + k + 1).where(pos >= 0, pos)),
-                             gather_rows(hidden, pos), pos, mtp_caches[k])
-            mtp_caches[k].truncate((last - k + 1).to(mtp_caches[k].pos.device))
-            mtp_done[k] = torch.maximum(mtp_done[k], last - k + 1)
-            draft_logits = out[rows, (last - pos[:, 0]).clamp(0, out.shape[1] - 1)]  # at q = last
-            if temperature == 0:
-                draft = draft_logits.argmax(-1)
-            else:
-                q = distribution(draft_logits, temperature, top_k, top_p)
-                draft_probs.append(q)
-                draft = torch.multinomial(q, 1, generator=generator).squeeze(-1)
-            draft_tokens.append(draft)
-            tokens[rows, last + 2 + k] = draft  # uncommitted slot: the next block's chained input
-        drafts = torch.stack(draft_tokens, 1)  # [b, K]
-
-        # 3. verify [t_{last+1}, d1..dK] at positions last+1..last+K+1 in one main forward
-        verify_pos = last[:, None] + 1 + torch.arange(K + 1, device=device)
-        verify_ids = torch.cat([tokens[rows, last + 1][:, None], drafts], 1)
-        h = model.trunk(verify_ids, positions=verify_pos, cache=cache)[-1]
-        logits = model.logits(h)  # [b, K+1, V]
-        if temperature == 0:
-            target = logits.argmax(-1)  # [b, K+1]
-            accepted = (target[:, :K] == drafts).long().cumprod(1).sum(1)  # [b]
-            bonus = target[rows, accepted]
+    state, cache, mtp_caches = prefill(model, input_ids, mask, k, max_new_tokens, sampler, stop)
+    while bool((active := state.active(max_new_tokens)).any()):
+        drafts, draft_probs = draft(model, state, mtp_caches, active, sampler)
+        logits, hidden = verify(model, state, drafts, cache, active)
+        if sampler is None:
+            accepted, next_token = accept_greedy(drafts, logits.argmax(-1))
         else:
-            p = distribution(logits, temperature, top_k, top_p)  # [b, K+1, V]
-            q = torch.stack(draft_probs, 1)  # [b, K, V]
-            p_d = p[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
-            q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
-            u = torch.rand(p_d.shape, generator=generator, device=device)
-            accepted = (u * q_d < p_d).long().cumprod(1).sum(1)
-            residual = p[rows, accepted].clone()  # after all K accepted: the next-token distribution
-            rejected = accepted < K
-            q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]
-            residual[rejected] = (residual[rejected] - q_pad[rejected]).clamp_min(0)
-            total = residual.sum(-1, keepdim=True)
-            residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p[rows, accepted])  # p == q: any
-            bonus = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
-
-        # 4. commit accepted drafts + bonus, roll back the rest
-        active = ~done & (produced < max_new_tokens)
-        new = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], 1)
-        new[rows, accepted] = bonus  # [b, K+1]: d1..d_a, bonus, (ignored)
-        count = accepted + 1
-        if len(stop):
-            is_stop = torch.isin(new, stop) & (torch.arange(K + 1, device=device) < count[:, None])
-            first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, count)
-            done |= is_stop.any(1) & active
-            count = torch.minimum(count, first_stop)
-        count = torch.where(active, count, 0)
-        stats.accept_lengths += [int(n) for n in (accepted + 1)[active]]
-        new_pos = last[:, None] + 2 + torch.arange(K + 1, device=device)
-        new_pos = new_pos.where(torch.arange(K + 1, device=device) < count[:, None], -1)
-        scatter_rows(tokens, new_pos, new)
-        hidden_pos = verify_pos.where(torch.arange(K + 1, device=device) < count[:, None], -1)
-        scatter_rows(hidden, hidden_pos, mtp_hidden_input(model, h.to(device)))
-        last = last + count
-        produced = produced + count
-        cache.truncate(last + 1)  # keep t_{last+1} .. d_a; the bonus is the next verify's first token
-        for k in range(K):
-            mtp_caches[k].truncate(mtp_done[k].to(mtp_caches[k].pos.device))
-
-    new_ids = gather_rows(tokens, (prompt_len[:, None] + torch.arange(max_new_tokens, device=device)))
-    filler = torch.full_like(new_ids, -1)
-    produced_ok = torch.arange(max_new_tokens, device=device) < produced.clamp_max(max_new_tokens)[:, None]
-    if len(stop):
-        fill = new_ids.gather(1, (produced.clamp_max(max_new_tokens) - 1)[:, None])
-        if pad_token_id is not None:
-            fill = torch.full_like(fill, pad_token_id)
-        filler = fill.expand_as(new_ids)
-    new_ids = torch.where(produced_ok, new_ids, filler)
-    if len(stop) and bool(done.all()):
-        new_ids = new_ids[:, :int(produced.clamp_max(max_new_tokens).max())]
-    return torch.cat([input_ids, new_ids], 1), stats
+            uniforms = torch.rand(drafts.shape, generator=generator, device=device)
+            accepted, next_probs = accept_sampled(drafts, draft_probs, sampler.distribution(logits), uniforms)
+            next_token = sampler.sample(next_probs)
+        stats.accept_lengths += (accepted + 1)[active].tolist()
+        commit(state, drafts, accepted, next_token, hidden, active, stop, max_new_tokens)
+        roll_back(state, cache, mtp_caches)
+    return torch.cat([input_ids, new_tokens(state, mask.sum(1), max_new_tokens, stop, pad_token_id)], 1), stats

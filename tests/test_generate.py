@@ -1,5 +1,6 @@
 """The hybrid cache and generation: cached decode == full forward, ring buffer bytes, sampling, errors."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -7,7 +8,7 @@ from safetensors.torch import load_file
 import minimimo
 from minimimo import HybridCache, MiMoConfig, MiMoForCausalLM, generate, stream
 from minimimo.cache import RingLayerCache
-from minimimo.generate import filter_logits, next_token, positions_from_mask
+from minimimo.sampling import filter_logits, next_token, positions_from_mask
 from conftest import FIXTURES
 
 
@@ -15,6 +16,12 @@ from conftest import FIXTURES
 def model():
     config = MiMoConfig.tiny(sliding_window_size=3, num_key_value_heads=2, swa_num_key_value_heads=4)
     return MiMoForCausalLM(config).init_weights(5).eval()
+
+
+@pytest.fixture(scope="module")
+def mtp_model():
+    config = MiMoConfig.tiny(num_hidden_layers=3, sliding_window_size=3, num_mtp_layers=3)
+    return MiMoForCausalLM(config).init_weights(6).eval()
 
 
 @pytest.mark.parametrize("prefill", [1, 2, 3, 4, 13])
@@ -124,17 +131,49 @@ def test_stop_tokens_end_rows_and_the_stream(model):
     assert (out[0, 5 + first + 1:] == 0).all()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-2), "top_k"),
-    (dict(max_new_tokens=5000), "max_position_embeddings"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(temperature=float("-inf")), ValueError, "temperature must be finite"),
+    (dict(temperature="hot"), TypeError, "temperature must be a number"),
+    (dict(temperature=True), TypeError, "temperature must be a number"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(top_p=float("nan")), ValueError, "top_p"),
+    (dict(top_k=-2), ValueError, "top_k must be an integer >= 0"),
+    (dict(top_k=2.5, temperature=1.0), TypeError, "top_k must be an integer"),
+    (dict(top_k=True, temperature=1.0), TypeError, "top_k must be an integer"),
+    (dict(max_new_tokens=5000), ValueError, "max_position_embeddings"),
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an integer >= 0"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer"),
+    (dict(max_new_tokens=3.0), TypeError, "max_new_tokens must be an integer"),
+    (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an integer"),
+    (dict(mtp_steps=1.5), TypeError, "mtp_steps must be an integer"),
+    (dict(mtp_steps=-1), ValueError, "mtp_steps must be an integer >= 0"),
+    (dict(mtp_steps=True), TypeError, "mtp_steps must be an integer"),
+    (dict(attention_mask=torch.tensor([[2, 2, 2]])), ValueError, "attention_mask may hold only 0 .* found 2"),
+    (dict(attention_mask=torch.tensor([[0, 1, 2]])), ValueError, "attention_mask may hold only 0"),
+    (dict(attention_mask=torch.tensor([[-1, 1, 1]])), ValueError, "attention_mask may hold only 0"),
+    (dict(attention_mask=torch.tensor([[0.5, 1, 1]])), ValueError, "attention_mask may hold only 0"),
+    (dict(attention_mask=[[1, 1, 1]]), TypeError, "attention_mask must be a tensor"),
 ])
-def test_bad_arguments(model, kwargs, match):
-    kwargs = {"max_new_tokens": 4, **kwargs}
-    with pytest.raises(ValueError, match=match):
-        generate(model, torch.zeros(1, 3, dtype=torch.long), **kwargs)
+@pytest.mark.parametrize("mtp", [0, 2])
+def test_bad_arguments_get_an_error_that_names_them(mtp_model, kwargs, error, match, mtp):
+    """Plain and speculative decoding check the same options, before any work."""
+    kwargs = {"max_new_tokens": 4, "mtp_steps": mtp, **kwargs}
+    with pytest.raises(error, match=match):
+        generate(mtp_model, torch.zeros(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_good_edge_arguments_still_work(mtp_model):
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    plain = generate(mtp_model, ids, 4)
+    assert torch.equal(generate(mtp_model, ids, np.int64(4)), plain)  # numpy integers count as integers
+    assert torch.equal(generate(mtp_model, ids, 4, attention_mask=torch.ones(1, 3, dtype=torch.bool)), plain)
+    assert torch.equal(generate(mtp_model, ids, 4, attention_mask=torch.ones(1, 3)), plain)  # float 0./1. masks
+    assert torch.equal(generate(mtp_model, ids, 4, temperature=0), plain)  # an int temperature
+    assert generate(mtp_model, ids, 4, temperature=1, top_k=np.int32(3), seed=0).shape == plain.shape
 
 
 def test_bad_prompts(model):
