@@ -125,6 +125,15 @@ def is_fp8_stored(name: str, spec: TensorSpec) -> bool:
     return spec.quantizable and not name.endswith(("o_proj.weight", "lm_head.weight"))
 
 
+def fp8_head_size(config: MiMoConfig, name: str, spec: TensorSpec) -> int | None:
+    """The head size at which the release restarts an FP8 tensor's row blocks, None for the uniform
+    grid: only the global-attention k_proj is quantized per kv head (its [768, 4096] weight has an
+    [8, 32] scale, 2 blocks for each 192-row head). The saver writes, and the planner counts, this grid;
+    a loader never assumes it (`fp8.choose_grid` reads the grid off the scale)."""
+    global_layer = name.startswith("model.layers.") and not config.is_sliding(int(name.split(".")[2]))
+    return spec.head_size if global_layer and name.endswith("self_attn.k_proj.weight") else None
+
+
 def save_checkpoint(model, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16, fp8_block: int | None = None,
                     layout: str = "hub", extra_tensors: dict[str, torch.Tensor] | None = None,
                     per_head_k_grid: bool = True) -> Path:
@@ -152,8 +161,8 @@ def save_checkpoint(model, directory: str | Path, *, dtype: torch.dtype = torch.
         if spec is not None and spec.float32:
             tensors[name] = t.float().contiguous()
         elif fp8_block and spec is not None and is_fp8_stored(name, spec):
-            per_head = per_head_k_grid and name.endswith("k_proj.weight") and not _is_sliding(config, name)
-            w, s = quantize(t, (fp8_block, fp8_block), head_size=spec.head_size if per_head else None)
+            head_size = fp8_head_size(config, name, spec) if per_head_k_grid else None
+            w, s = quantize(t, (fp8_block, fp8_block), head_size=head_size)
             tensors[name], tensors[name + SCALE_SUFFIX] = w.contiguous(), s.contiguous()
         else:
             tensors[name] = t.to(dtype).contiguous()
@@ -169,7 +178,3 @@ def save_checkpoint(model, directory: str | Path, *, dtype: torch.dtype = torch.
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config.save(directory)
     return directory
-
-
-def _is_sliding(config: MiMoConfig, name: str) -> bool:
-    return config.is_sliding(int(name.split(".")[2])) if name.startswith("model.layers.") else True

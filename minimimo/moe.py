@@ -18,8 +18,10 @@ Routing (layers 1..47; 256 experts, 8 chosen, no shared expert):
 Dispatch: the n*k (token, expert) pairs are sorted by expert, so every expert that received
 tokens runs one matmul over a contiguous slice; experts that received none are never touched.
 On the CPU in float32, torch's `grouped_mm` runs all those slices in one call per projection;
-the per-expert loop is its readable twin (and the path for bf16, FP8-stored experts and CUDA,
-where this file has not been measured).
+the per-expert loop is its readable twin (and the path for bf16 and CUDA, where this file has not
+been measured). The loop asks `expert_weights(e, dtype)` for expert e's three matrices: here
+slices of the stacked parameters; `fp8.FP8Experts`, which the loader swaps in to keep FP8
+weights on the device, answers with the same matrices dequantized from FP8 for that call.
 Outputs are weighted in float32 and summed over the k choices before one cast back (in bfloat16
 rounding per expert instead would flip downstream expert choices).
 """
@@ -30,8 +32,6 @@ import torch
 from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
-
-from .fp8 import FP8, apply_scales, uniform_rows
 
 
 class Router(nn.Module):
@@ -68,32 +68,23 @@ class Experts(nn.Module):
     The hub stores them one by one (`mlp.experts.E.gate_proj.weight`); the loader stacks them.
     """
 
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Expert e's gate [m, c], up [m, c] and down [c, m] matrices for activations of `dtype`
+        (stored in it already here; `FP8Experts` dequantizes into it)."""
+        return self.gate_proj[e], self.up_proj[e], self.down_proj[e]
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e applied to x [n, c] -> [n, c]."""
-        gate, up, down = (self.weight(name, e, x.dtype) for name in ("gate_proj", "up_proj", "down_proj"))
+        gate, up, down = self.expert_weights(e, x.dtype)
         return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
-    def weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """Expert e's matrix; when stored in FP8 (`store_fp8`), dequantized for this call only."""
-        w = getattr(self, name)[e]
-        if w.dtype != FP8:
-            return w
-        rows = uniform_rows(w.shape[0], self.fp8_block[0]).to(w.device)
-        return apply_scales(w, getattr(self, name + "_scale_inv")[e], rows, self.fp8_block[1], dtype)
-
-    def store_fp8(self, name: str, scale_shape, block: tuple[int, int]) -> None:
-        """Keep matrix `name` of every expert as FP8 + per-expert block scales (meta device)."""
-        shape = getattr(self, name).shape
-        delattr(self, name)
-        self.register_buffer(name, torch.empty(shape, dtype=FP8))
-        self.register_buffer(name + "_scale_inv", torch.empty(shape[0], *scale_shape, dtype=torch.float32))
-        self.fp8_block = block
 
     use_grouped_mm = True  # False: always the per-expert loop (the readable twin)
 

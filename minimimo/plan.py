@@ -8,13 +8,15 @@ What counts
 -----------
 *Weights*, as they sit in memory. The release stores q/k/v, the dense MLP and every expert as
 1-byte FP8 plus one float32 scale per 128 x 128 block; o_proj, eh_proj, embedding, lm_head, norms
-and sinks as bf16; the router as float32 (SPEC §2.4, §5.2). `storage_summary(MiMoConfig.flash())`:
+and sinks as bf16; the router as float32 (the shard headers and `quantization_config` of
+huggingface.co/XiaomiMiMo/MiMo-V2-Flash). Counted from the shapes, `storage_summary(MiMoConfig.flash())`:
 
     FP8 payload    305.87 GB   305.9 B weights x 1 byte, 99% of them experts
     bf16             5.72 GB   embedding and lm_head (1.25 GB each), 48 o_proj, norms, sinks
     fp32 router      0.20 GB   47 x (256 x 4096 + 256) x 4 B
     block scales     0.07 GB   one float32 per 16,384 FP8 weights
-    main model     311.86 GB   + 3 MTP blocks x 0.40 GB = 313.05 GB (291.6 GiB)
+    row grids        0.004 GB  one int32 per FP8 row, shared by a stack of experts (in memory only)
+    main model     311.87 GB   + 3 MTP blocks x 0.40 GB = 313.06 GB (291.6 GiB)
 
 The unit that decides everything is the MoE layer: 256 experts x 3 matrices x 2048 x 4096 = 6.44 B
 weights, 6.44 GB in FP8, 12.9 GB in bf16. Dequantized to bf16 the model is 617.7 GB (+ 2.0 GB MTP).
@@ -67,7 +69,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import MiMoConfig
-from .hub import SCALE_SUFFIX, tensor_specs, is_fp8_stored
+from .fp8 import ROW_BLOCK_DTYPE, ROW_BLOCK_SUFFIX, scale_shape
+from .hub import SCALE_SUFFIX, fp8_head_size, is_fp8_stored, tensor_specs
 
 GiB = 2**30
 DEFAULT_BLOCK = (128, 128)  # the release's FP8 block when a config has no quantization_config
@@ -90,7 +93,7 @@ class StoredTensor:
 
     unit: str  # placement unit: "embedding", "layer.7", "head", "mtp.0"
     part: str  # attention / experts / router / dense / norms / embedding / lm_head / eh_proj
-    kind: str  # "fp8", "bf16", "fp32" or "scale" (the float32 block scales of FP8 weights)
+    kind: str  # "fp8", "bf16", "fp32", "scale" (the float32 block scales of FP8 weights) or "grid" (below)
     shape: tuple[int, ...]
     nbytes: int
 
@@ -132,24 +135,24 @@ def stored_tensors(config: MiMoConfig, weight_dtype: str = "fp8") -> dict[str, S
     """Every tensor of the model (MTP blocks included) with its bytes for `weight_dtype`.
 
     "fp8": what the release stores: q/k/v, dense and expert linears as 1-byte FP8 plus a float32
-        scale [scale_rows, ceil(in / b)] (`..._scale_inv`); the rest bf16, the router float32.
+        scale [scale_rows, ceil(in / b)] (`..._scale_inv`); the rest bf16, the router float32. In
+        memory each FP8 module also keeps its row grid (`<param>_row_block`, 4 bytes per row, one
+        for a whole stack of experts; kind "grid", not in the checkpoint).
     "bf16": every weight 2 bytes (FP8 dequantized), the router float32.
     "fp32": every weight 4 bytes.
     """
     dtype = _weight_dtype(weight_dtype)
-    block_rows, block_cols = config.fp8_block or DEFAULT_BLOCK
+    block = config.fp8_block or DEFAULT_BLOCK
     out: dict[str, StoredTensor] = {}
     for name, spec in tensor_specs(config).items():
         unit, part, numel = unit_of(name), part_of(name), math.prod(spec.shape)
         if dtype == "fp8" and is_fp8_stored(name, spec):
-            rows, cols = spec.shape
-            if _global_k_proj(config, name):  # the per-head grid (SPEC §2.4): blocks restart at every head
-                scale_rows = rows // spec.head_size * math.ceil(spec.head_size / block_rows)
-            else:
-                scale_rows = math.ceil(rows / block_rows)
-            scale_shape = (scale_rows, math.ceil(cols / block_cols))
+            scale = scale_shape(spec.shape, block, fp8_head_size(config, name, spec))
             out[name] = StoredTensor(unit, part, "fp8", spec.shape, numel)
-            out[name + SCALE_SUFFIX] = StoredTensor(unit, part, "scale", scale_shape, 4 * math.prod(scale_shape))
+            out[name + SCALE_SUFFIX] = StoredTensor(unit, part, "scale", scale, 4 * math.prod(scale))
+            rows = spec.shape[0]
+            out.setdefault(spec.param + ROW_BLOCK_SUFFIX,  # experts of a stack share one
+                           StoredTensor(unit, part, "grid", (rows,), ROW_BLOCK_DTYPE.itemsize * rows))
         elif spec.float32 or dtype == "fp32":
             out[name] = StoredTensor(unit, part, "fp32", spec.shape, 4 * numel)
         else:
@@ -182,9 +185,9 @@ def weight_parts(config: MiMoConfig, weight_dtype: str = "fp8") -> dict[str, dic
 
 
 def storage_summary(config: MiMoConfig, weight_dtype: str = "fp8") -> dict[str, int]:
-    """SPEC §5.2 in bytes: main-model bytes by kind ("fp8", "bf16", "fp32", "scale"), then
-    "main", "mtp" and "total"."""
-    summary = {"fp8": 0, "bf16": 0, "fp32": 0, "scale": 0, "main": 0, "mtp": 0}
+    """The release's weight memory in bytes: main-model bytes by kind ("fp8", "bf16", "fp32",
+    "scale", "grid"), then "main", "mtp" and "total" (the table in this module's docstring)."""
+    summary = {"fp8": 0, "bf16": 0, "fp32": 0, "scale": 0, "grid": 0, "main": 0, "mtp": 0}
     for t in stored_tensors(config, weight_dtype).values():
         if t.unit.startswith("mtp."):
             summary["mtp"] += t.nbytes
@@ -444,11 +447,6 @@ def _devices_needed(loads: list[int], usable: int) -> int:
             n, current = n + 1, 0
         current += x
     return n
-
-
-def _global_k_proj(config: MiMoConfig, name: str) -> bool:
-    return (name.startswith("model.layers.") and name.endswith("self_attn.k_proj.weight")
-            and not config.is_sliding(int(name.split(".")[2])))
 
 
 def _weight_dtype(weight_dtype: Any) -> str:

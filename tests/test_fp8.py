@@ -1,11 +1,15 @@
-"""Block FP8: quantize/dequantize round trips, the per-head grid, and grid errors."""
+"""Block FP8: quantize/dequantize round trips, the per-head grid, grid errors, and the FP8 modules
+(`FP8Linear`, `FP8Experts`) computing with the grid they hold."""
 
 import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from minimimo.fp8 import FP8, blocks_below_max, choose_grid, dequantize, per_head_rows, quantize, uniform_rows
+from minimimo.fp8 import (FP8, FP8Experts, FP8Linear, apply_scales, blocks_below_max, choose_grid, dequantize,
+                          per_head_rows, quantize, scale_shape, uniform_rows)
+from minimimo.moe import Experts
 
 
 @pytest.mark.parametrize("shape,block", [((32, 48), 16), ((24, 40), 16), ((7, 5), 4), ((128, 64), 128)])
@@ -35,20 +39,37 @@ def test_per_head_grid_is_chosen_from_the_scale_shape():
     w = torch.randn(48, 64) * (4 ** torch.randn(4, 1)).repeat_interleave(torch.tensor([16, 8, 16, 8]), 0)
     fp8, scale = quantize(w, (16, 16), head_size=24)
     assert scale.shape == (4, 4)
-    kind, grid = choose_grid(fp8, scale, (16, 16), head_size=24)
-    assert kind == "per-head"
+    kind, grid = choose_grid(fp8.shape, scale.shape, (16, 16), head_size=24)
+    assert kind == "per-head" and torch.equal(grid, per_head_rows(48, 16, 24))
     torch.testing.assert_close(dequantize(fp8, scale, (16, 16), head_size=24), w, atol=0.1 * w.abs().max(), rtol=0.07)
     wrong = fp8.float() * scale[uniform_rows(48, 12)][:, torch.arange(64) // 16]  # rows // scale_rows blocks
     assert (wrong - w).abs().max() > 0.2 * w.abs().max()
 
 
-def test_amax_breaks_a_tie_between_grids():
+def test_the_scale_shape_decides_when_one_grid_fits():
     # 2 heads of 32 rows, block 16: uniform and per-head grids coincide -> one candidate only
     fp8, scale = quantize(torch.randn(64, 32), (16, 16), head_size=32)
-    assert choose_grid(fp8, scale, (16, 16), head_size=32)[0] == "uniform"
+    assert choose_grid(fp8.shape, scale.shape, (16, 16), head_size=32)[0] == "uniform"
     # 4 heads of 12 rows, block 16: uniform needs 3 rows, per-head 4*1 = 4 -> per-head only
     fp8, scale = quantize(torch.randn(48, 32), (16, 16), head_size=12)
-    assert choose_grid(fp8, scale, (16, 16), head_size=12)[0] == "per-head"
+    assert choose_grid(fp8.shape, scale.shape, (16, 16), head_size=12)[0] == "per-head"
+    assert scale_shape((48, 32), (16, 16), 12) == tuple(scale.shape) == (4, 2)
+
+
+@pytest.mark.parametrize("quantized_per_head", [True, False])
+def test_amax_breaks_a_tie_between_grids(quantized_per_head):
+    # 2 heads of 24 rows, block 32: both grids have 2 scale rows (rows 0-31 | 32-47 against 0-23 | 24-47).
+    # The largest weights sit where only the true grid has a 448 in every block
+    w = torch.randn(48, 64)
+    w[[0, 25] if quantized_per_head else [28, 40]] = 10.0
+    fp8, scale = quantize(w, (32, 32), head_size=24 if quantized_per_head else None)
+    calls = []
+    kind, grid = choose_grid(fp8.shape, scale.shape, (32, 32), head_size=24, fp8=lambda: calls.append(1) or fp8)
+    assert calls == [1]  # the weight is read only for a tie
+    assert kind == ("per-head" if quantized_per_head else "uniform")
+    assert torch.equal(grid, per_head_rows(48, 32, 24) if quantized_per_head else uniform_rows(48, 32))
+    with pytest.raises(ValueError, match="both fit"):
+        choose_grid(fp8.shape, scale.shape, (32, 32), head_size=24)
 
 
 def test_unexplained_scale_shapes_raise():
@@ -59,3 +80,54 @@ def test_unexplained_scale_shapes_raise():
         dequantize(fp8, torch.ones(3, 3), (16, 16), name="k_proj.weight")
     with pytest.raises(ValueError, match="not float8"):
         dequantize(torch.randn(48, 64), torch.ones(3, 4), (16, 16))
+
+
+def filled_fp8_linear(w: torch.Tensor, block, head_size=None) -> FP8Linear:
+    """An FP8Linear holding `w` quantized on its grid, the grid decided by choose_grid (as the loader does)."""
+    fp8, scale = quantize(w, block, head_size=head_size)
+    _, row_block = choose_grid(fp8.shape, scale.shape, block, head_size=24, fp8=fp8)
+    linear = FP8Linear(w.shape[1], w.shape[0], scale.shape, block, strip_rows=w.shape[0])  # one strip: same matmul
+    for buffer, value in (("weight", fp8), ("weight_scale_inv", scale), ("weight_row_block", row_block)):
+        getattr(linear, buffer).copy_(value)
+    return linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantized_per_head", [True, False])
+def test_fp8_linear_computes_with_the_grid_it_holds(dtype, quantized_per_head):
+    # the tie of the test above: the module must use the chosen grid, not the first one that fits
+    w = torch.randn(48, 64) * torch.tensor([1.0, 8.0, 0.1, 3.0]).repeat_interleave(12)[:, None]
+    w[[0, 25] if quantized_per_head else [28, 40]] = 30.0  # a tie of grids that the amax test breaks
+    linear = filled_fp8_linear(w, (32, 32), head_size=24 if quantized_per_head else None)
+    grid = per_head_rows(48, 32, 24) if quantized_per_head else uniform_rows(48, 32)  # the one quantize used
+    assert torch.equal(linear.weight_row_block.long(), grid)
+    dense = apply_scales(linear.weight, linear.weight_scale_inv, grid, 32, dtype)
+    x = torch.randn(2, 5, 64).to(dtype)  # batch 2
+    assert torch.equal(linear(x), F.linear(x, dense))
+    # strips of 32 rows give the same rows (each output row is its own dot product)
+    linear.strip_rows = 32
+    torch.testing.assert_close(linear(x), F.linear(x, dense), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_experts_equal_experts_with_the_dequantized_weights(dtype):
+    torch.manual_seed(0)
+    num_experts, hidden, inter, block = 4, 32, 24, (16, 16)
+    plain = Experts(num_experts, hidden, inter)
+    scale_shapes = {name: scale_shape(tuple(getattr(plain, name).shape[1:]), block) for name in plain.PROJECTIONS}
+    fp8_experts = FP8Experts(num_experts, hidden, inter, scale_shapes, block)
+    assert not any(True for _ in fp8_experts.parameters())  # all three matrices are FP8 buffers
+    with torch.no_grad():
+        for name in plain.PROJECTIONS:
+            for e in range(num_experts):
+                fp8, scale = quantize(torch.randn(getattr(plain, name).shape[1:]), block)
+                getattr(fp8_experts, name)[e] = fp8
+                getattr(fp8_experts, name + "_scale_inv")[e] = scale
+                getattr(plain, name)[e] = dequantize(fp8, scale, block, dtype=dtype).float()
+            getattr(fp8_experts, name + "_row_block").copy_(choose_grid(fp8.shape, scale.shape, block)[1])
+    plain = plain.to(dtype)
+    plain.use_grouped_mm = False  # the same per-expert loop on both sides
+    x = torch.randn(10, hidden).to(dtype)
+    gate_weights = torch.rand(10, 2).softmax(-1)
+    expert_ids = torch.stack([torch.arange(10) % num_experts, (torch.arange(10) + 1) % num_experts], dim=1)
+    assert torch.equal(fp8_experts(x, gate_weights, expert_ids), plain(x, gate_weights, expert_ids))

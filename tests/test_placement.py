@@ -6,7 +6,7 @@ import torch
 import minimimo
 from minimimo import MiMoConfig, MiMoForCausalLM
 from minimimo.cli import main
-from minimimo.fp8 import FP8Linear
+from minimimo.fp8 import FP8Experts, FP8Linear
 from minimimo.hub import save_checkpoint
 from minimimo.plan import PlanError, plan, unit_of
 
@@ -34,7 +34,8 @@ def held_per_device(model, the_plan):
 def test_placed_model_equals_the_unplaced_one_and_holds_what_the_plan_says(fp8_dir, ids, weight_dtype):
     reference = minimimo.load(fp8_dir, dtype=torch.bfloat16, progress=False)
     devices = ["cpu", "cpu", "cpu"]
-    placed = minimimo.load(fp8_dir, devices=devices, weight_dtype=weight_dtype, progress=False)
+    kept = {"weight_dtype": "fp8"} if weight_dtype == "fp8" else {}  # else FP8 dequantized into bfloat16
+    placed = minimimo.load(fp8_dir, devices=devices, dtype=torch.bfloat16, progress=False, **kept)
     assert torch.equal(placed(ids), reference(ids))
     assert torch.equal(minimimo.generate(placed, ids, 8, mtp_steps=2), minimimo.generate(reference, ids, 8))
     the_plan = plan(fp8_dir, devices=devices, device_memory=1 << 40, weight_dtype=weight_dtype)
@@ -43,13 +44,35 @@ def test_placed_model_equals_the_unplaced_one_and_holds_what_the_plan_says(fp8_d
     assert held_per_device(placed, the_plan) == expected
 
 
+@pytest.fixture(scope="module")
+def small_head_fp8_dir(tmp_path_factory):
+    """Heads of 24 rows under 32-row FP8 blocks: a global k_proj (2 kv heads, 48 rows) has 2 scale rows
+    on the uniform grid and on the per-head one alike; the saver used the per-head one, as the release."""
+    config = MiMoConfig.tiny(num_key_value_heads=2, swa_num_key_value_heads=4)
+    model = MiMoForCausalLM(config).init_weights(0)
+    return save_checkpoint(model, tmp_path_factory.mktemp("grid") / "ckpt", dtype=torch.bfloat16, fp8_block=32)
+
+
+@pytest.mark.parametrize("dtype, devices", [(torch.bfloat16, None), (torch.float32, None),
+                                            (torch.bfloat16, ["cpu", "cpu"])])
+def test_fp8_kept_on_the_device_computes_with_the_grid_the_loader_chose(small_head_fp8_dir, ids, dtype, devices):
+    reference = minimimo.load(small_head_fp8_dir, dtype=dtype, progress=False)  # dequantized at load
+    kept = minimimo.load(small_head_fp8_dir, dtype=dtype, weight_dtype="fp8", devices=devices, progress=False)
+    assert kept.load_report.grids == reference.load_report.grids and kept.load_report.grids["per-head"] == 2
+    k_proj = kept.model.layers[0].self_attn.k_proj  # global layer: 2 heads of 24 rows, blocks restart per head
+    assert isinstance(k_proj, FP8Linear) and k_proj.weight_row_block.tolist() == [0] * 24 + [1] * 24
+    assert torch.equal(kept(ids), reference(ids))  # batch 2
+
+
 def test_fp8_stays_fp8_on_the_device(fp8_dir):
     model = minimimo.load(fp8_dir, weight_dtype="fp8", devices=["cpu"], progress=False)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, FP8Linear) and q.weight.dtype == torch.float8_e4m3fn
-    assert model.model.layers[3].mlp.experts.down_proj.dtype == torch.float8_e4m3fn
+    experts = model.model.layers[3].mlp.experts
+    assert isinstance(experts, FP8Experts) and experts.down_proj.dtype == torch.float8_e4m3fn
     assert model.model.layers[3].self_attn.o_proj.weight.dtype == torch.bfloat16  # stored bf16 on the hub too
-    full = sum(t.numel() * t.element_size() for t in minimimo.load(fp8_dir, dtype="bfloat16", progress=False).parameters())
+    dequantized = minimimo.load(fp8_dir, dtype="bfloat16", progress=False)
+    full = sum(t.numel() * t.element_size() for t in dequantized.parameters())
     kept = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     assert kept < 0.7 * full
 

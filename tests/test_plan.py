@@ -1,4 +1,5 @@
-"""Memory planner: Flash figures against SPEC §5.2, bytes equal to real checkpoints, optimal placement."""
+"""Memory planner: Flash figures (computed from the release's shapes), bytes equal to real checkpoints,
+optimal placement."""
 
 import itertools
 import random
@@ -30,7 +31,7 @@ def test_flash_figures_match_spec(flash_fp8, flash):
     s = flash_fp8
     for key, spec_gb in (("fp8", 305.87), ("bf16", 5.72), ("main", 311.9), ("mtp", 1.19), ("total", 313)):
         assert s[key] == pytest.approx(spec_gb * GB, rel=1e-3), key
-    # SPEC prints the two small items to two decimals: 0.197 GB and 0.075 GB
+    # the two small items, to two decimals: 0.197 GB and 0.075 GB
     assert round(s["fp32"] / GB, 2) == 0.20 and round(s["scale"] / GB, 2) == 0.07
     assert s["total"] / GiB == pytest.approx(291.6, rel=1e-3)
     bf16 = storage_summary(flash, "bf16")
@@ -53,7 +54,8 @@ def test_flash_units_sum_to_totals(flash, flash_fp8):
     assert {unit: sum(p.values()) for unit, p in parts.items()} == wb
     moe = parts["layer.1"]
     assert set(moe) == {"attention", "router", "experts", "norms"}
-    assert moe["experts"] == 256 * 3 * 2048 * 4096 + 256 * (16 * 32 + 16 * 32 + 32 * 16) * 4  # FP8 + scales
+    # FP8 + scales + one row grid per stacked matrix
+    assert moe["experts"] == 256 * 3 * 2048 * 4096 + 256 * (16 * 32 + 16 * 32 + 32 * 16) * 4 + (2048 + 2048 + 4096) * 4
     assert moe["router"] == (256 * 4096 + 256) * 4
     assert set(parts["layer.0"]) == {"attention", "dense", "norms"}
     assert set(parts["mtp.0"]) == {"attention", "dense", "norms", "eh_proj"}
@@ -64,6 +66,12 @@ def test_flash_units_sum_to_totals(flash, flash_fp8):
     assert tensors["model.layers.1.self_attn.k_proj.weight_scale_inv"].shape == (12, 32)
     assert tensors["model.layers.1.mlp.experts.0.down_proj.weight_scale_inv"].shape == (32, 16)
     assert tensors["model.layers.1.self_attn.o_proj.weight"].kind == "bf16"
+    # in memory each FP8 module keeps its row grid, 4 bytes a row; a stack of experts shares one
+    assert tensors["model.layers.5.self_attn.k_proj.weight_row_block"].nbytes == 4 * 768
+    assert tensors["model.layers.1.mlp.experts.down_proj_row_block"].shape == (4096,)
+    grids = [t for t in tensors.values() if t.kind == "grid"]
+    assert len(grids) == 48 * 3 + 3 + 47 * 3 + 3 * 6  # q/k/v, dense layer 0, expert stacks, MTP q/k/v + dense
+    assert flash_fp8["grid"] == sum(t.nbytes for t in grids if not t.unit.startswith("mtp."))
 
 
 # ------------------------------------------------------------------------------ against real checkpoints
@@ -104,12 +112,14 @@ def test_tiny_weight_bytes_equal_saved_checkpoint(tiny_model, tmp_path, weight_d
     config = MiMoConfig.from_pretrained(directory)  # carries quantization_config (block 16) for the fp8 save
     assert config.num_mtp_layers == 3 and config.fp8_block == ((16, 16) if fp8_block else None)
     predicted = stored_tensors(config, weight_dtype)
-    assert set(predicted) == set(saved)
-    for name, t in predicted.items():
+    grids = {name: t.nbytes for name, t in predicted.items() if t.kind == "grid"}  # held in memory, not saved
+    on_disk = {name: t for name, t in predicted.items() if name not in grids}
+    assert set(on_disk) == set(saved)
+    for name, t in on_disk.items():
         assert t.nbytes == saved[name], name
-    assert weight_bytes(config, weight_dtype) == per_unit(saved)
+    assert weight_bytes(config, weight_dtype) == per_unit({**saved, **grids})
     p = plan(directory, devices=["cpu", "cpu"], device_memory="1GiB", weight_dtype=weight_dtype)
-    assert sum(sum(w.values()) for w in p.weights.values()) == sum(saved.values())
+    assert sum(sum(w.values()) for w in p.weights.values()) == sum(saved.values()) + sum(grids.values())
 
 
 # ------------------------------------------------------------------------------ KV cache
