@@ -383,6 +383,115 @@ def check_ex_02_4(answer):
     _wrong(f"not {answer:,d}: count the attention blocks with a sink, times the query heads of each.")
 
 
+
+# --------------------------------------------------------------------------- notebook 03
+def check_ex_03_1(answer):
+    """KV bytes of Flash at 32,768 tokens, bf16, one sequence."""
+    if _unanswered(answer, "9 global layers x 4 kv heads x (192 + 128) x 2 B x 32,768 tokens, plus 39 rings of "
+                           "8 kv heads x (192 + 128) x 2 B x 128 slots."):
+        return
+    answer = _integer(answer, "the number of bytes")
+    flash = _flash()
+    L, c = 32_768, (192 + 128) * 2
+    right = flash.kv_cache_bytes(L, "bfloat16")
+    global_part, rings = 9 * 4 * c * L, 39 * 8 * c * 128
+    if answer == right:
+        return _correct(f"{right:,d} B = {right / 2**30:.3f} GiB: {global_part:,d} in the 9 global layers, "
+                        f"{rings:,d} in the 39 rings ({rings / right:.1%}); all-global would be "
+                        f"{flash.kv_cache_bytes(L, 'bfloat16', 'all-global') / right:.2f}x more.")
+    if answer == global_part:
+        _wrong(f"that is the global layers only; the 39 rings add {rings:,d} B (constant once L >= 128).")
+    if answer == global_part + 39 * 8 * c * 129:
+        _wrong("a ring holds 128 slots; the 129th key a query reads is the new token itself, not a stored one.")
+    if answer == 2 * right:
+        _wrong("bf16 is 2 bytes per number; that looks like float32 (4).")
+    if answer == 9 * 8 * c * L + rings:
+        _wrong("the global layers have 4 KV heads, not 8.")
+    if answer == flash.kv_cache_bytes(L, "bfloat16", "all-global"):
+        _wrong("that is the all-global baseline (48 global layers); MiMo keeps rings in its 39 sliding layers.")
+    if answer == right // 2:
+        _wrong("keys and values both: (192 + 128) channels per head and token, not one of them.")
+    _wrong(f"off by {answer - right:+,d} B. Per token and KV head: keys 192 + values 128 channels, 2 bytes each.")
+
+
+def check_ex_03_2(answer):
+    """Slots of position 1000 in rings of 128 and 131 slots."""
+    if _unanswered(answer, "slot(p) = p mod (number of slots)."):
+        return
+    try:
+        with_w, with_reserve = (int(a) for a in answer)
+    except (TypeError, ValueError):
+        _wrong(f"give a pair (slot with 128 slots, slot with 131 slots), got {answer!r}")
+    right = (1000 % 128, 1000 % 131)
+    if (with_w, with_reserve) == right:
+        return _correct(f"1000 mod 128 = {right[0]} and 1000 mod 131 = {right[1]}: with spare slots a position moves "
+                        "to another slot, which is why a ring's reserve is fixed when the cache is created.")
+    if with_w == right[0] and with_reserve == right[0]:
+        _wrong("with reserve=3 the ring has 131 slots and slot(p) = p mod 131: the reserve changes the modulus.")
+    if with_w in (1000 // 128, 1000 % 129):
+        _wrong("slot(p) = p mod W with W = 128 slots (the remainder, not the quotient; 128 slots, not 129).")
+    _wrong(f"({with_w}, {with_reserve}) is not it: slot(p) = p mod slots, slots = 128 and 131.")
+
+
+def check_ex_03_3(answer):
+    """First wrong output of a write-then-read ring with W = 5."""
+    if _unanswered(answer, "which query is the first whose oldest visible key (distance W) sits in the slot the "
+                           "query's own token takes?"):
+        return
+    answer = _integer(answer, "the position")
+    right = 5
+    if answer == right:
+        return _correct("position 5: token 5 goes to slot 5 % 5 = 0 and overwrites token 0, which query 5 still "
+                        "sees (distance exactly W). From then on every query loses its oldest key, so reading "
+                        "before writing is what gives each query its W + 1 keys.")
+    if answer == 0:
+        _wrong("the very first output is right: before position 5 nothing is overwritten. If your ring was wrong "
+               "from 0, it probably returned the new token twice (once from its slot, once appended); return only "
+               "the W slots after writing.")
+    if answer < right:
+        _wrong(f"at position {answer} the ring has not wrapped yet: every key 0..{answer} is still in its slot.")
+    if answer == right + 1:
+        _wrong("an earlier position already goes wrong: the key at distance exactly W is still visible (W + 1 keys).")
+    _wrong(f"position {answer} is wrong, but an earlier one already is.")
+
+
+def check_ex_03_4(longest_context):
+    """longest_context(config, budget_bytes, layout) -> the largest L with kv_cache_bytes(L) <= budget."""
+    flash = _flash()
+    if _unanswered(longest_context(flash, 2**30, "hybrid"),
+                   "hybrid bytes(L) = rings + per_token_global x L once L >= 128; solve for L and floor."):
+        return
+
+    def brute(budget, layout):
+        low, high = 0, 1
+        while flash.kv_cache_bytes(high, "bfloat16", layout) <= budget:
+            high *= 2
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if flash.kv_cache_bytes(mid, "bfloat16", layout) <= budget else (low, mid)
+        return low
+
+    per_token = 9 * 4 * 320 * 2
+    rings = 39 * 8 * 320 * 2 * 128
+    for budget in [2**30, 4 * 2**30, 40 * 2**30, 10**7]:
+        for layout in ("hybrid", "all-global"):
+            right = brute(budget, layout)
+            got = _integer(longest_context(flash, budget, layout), f"longest_context(flash, {budget:,d}, {layout!r})")
+            if got == right:
+                continue
+            if layout == "hybrid" and got == budget // per_token:
+                _wrong(f"budget {budget:,d}: {got:,d} tokens ignores the 39 rings ({rings:,d} B, fixed): subtract them first.")
+            if budget < rings and layout == "hybrid":
+                _wrong(f"budget {budget:,d} B is smaller than the rings; below the window every layer still grows "
+                       f"with L (min(L, 128) tokens per ring): expected {right:,d}, got {got:,d}.")
+            if got == right + 1:
+                _wrong(f"{layout}, budget {budget:,d}: {got:,d} tokens need {flash.kv_cache_bytes(got, 'bfloat16', layout):,d} B, "
+                       "one token over the budget; floor, do not round up.")
+            _wrong(f"{layout}, budget {budget:,d} B: expected {right:,d} tokens, got {got:,d}.")
+    return _correct(f"hybrid fits {brute(40 * 2**30, 'hybrid'):,d} tokens in 40 GiB, all-global "
+                    f"{brute(40 * 2**30, 'all-global'):,d}: the window buys 5.3x the context in the same memory.")
+
+
 # --- notebooks 04-08 ---
 # (course helper B's section: exercises of notebooks 04 to 08; keep new checks of 00-03 above this line)
 
