@@ -181,6 +181,53 @@ def test_ex_02_4_sink_parameters(capsys):
     rejects(checks.check_ex_02_4, 42 * 8, match="query")
 
 
+# --------------------------------------------------------------------------- notebook 03
+def test_ex_03_1_kv_bytes_at_32k(capsys):
+    c = (192 + 128) * 2
+    global_part, rings = 9 * 4 * c * 32_768, 39 * 8 * c * 128
+    accepts(checks.check_ex_03_1, global_part + rings, capsys=capsys)
+    rejects(checks.check_ex_03_1, global_part, match="global layers only")
+    rejects(checks.check_ex_03_1, global_part + 39 * 8 * c * 129, match="128 slots")
+    rejects(checks.check_ex_03_1, 2 * (global_part + rings), match="float32")
+    rejects(checks.check_ex_03_1, 9 * 8 * c * 32_768 + rings, match="4 KV heads")
+
+
+def test_ex_03_2_ring_slots(capsys):
+    accepts(checks.check_ex_03_2, (104, 83), capsys=capsys)
+    rejects(checks.check_ex_03_2, (104, 104), match="modulus")
+    rejects(checks.check_ex_03_2, (7, 83), match="remainder")
+
+
+def test_ex_03_3_write_before_read(capsys):
+    accepts(checks.check_ex_03_3, 5, capsys=capsys)
+    rejects(checks.check_ex_03_3, 0, match="twice")
+    rejects(checks.check_ex_03_3, 6, match="distance exactly W")
+    rejects(checks.check_ex_03_3, 3, match="not wrapped")
+
+
+def _longest_context(config, budget, layout="hybrid", rings=True, small_budgets=True):
+    slope, ring_slope, window = 0, 0, config.sliding_window_size
+    for i in range(config.num_hidden_layers):
+        g = config.attention(0 if layout == "all-global" else i)
+        per_token = g.num_kv_heads * (g.head_dim + g.v_head_dim) * 2
+        if g.window is not None and layout == "hybrid":
+            ring_slope += per_token
+        else:
+            slope += per_token
+    if small_budgets and budget < (slope + ring_slope) * window:
+        return budget // (slope + ring_slope)
+    return (budget - (ring_slope * window if rings else 0)) // slope
+
+
+def test_ex_03_4_longest_context(capsys):
+    accepts(checks.check_ex_03_4, _longest_context, capsys=capsys)
+    unanswered(checks.check_ex_03_4, lambda *a: None, capsys=capsys)
+    rejects(checks.check_ex_03_4, lambda c, b, lay="hybrid": _longest_context(c, b, lay, rings=False), match="rings")
+    rejects(checks.check_ex_03_4, lambda c, b, lay="hybrid": _longest_context(c, b, lay, small_budgets=False),
+            match="smaller than the rings")
+    rejects(checks.check_ex_03_4, lambda c, b, lay="hybrid": _longest_context(c, b, lay) + 1, match="floor")
+
+
 # --- notebooks 04-08 ---
 # (course helper B's section: exercises of notebooks 04 to 08)
 
