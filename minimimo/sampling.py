@@ -124,7 +124,8 @@ def check_generation_args(model, input_ids, max_new_tokens, temperature, top_k, 
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a tensor [batch, seq], got {type(attention_mask).__name__}")
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != "
+                             f"input_ids {tuple(input_ids.shape)}")
         odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
         if odd.numel():
             raise ValueError(f"attention_mask may hold only 0 (padding) and 1 (token), found {odd[0].item()}")

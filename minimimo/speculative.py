@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import HybridCache, RingLayerCache
+from .model import prefill
 from .mtp import mtp_hidden_input, mtp_logits
 from .sampling import Sampler, check_generation_args, positions_from_mask, stop_token_set, whole_number
 
@@ -66,37 +67,6 @@ class SpeculativeStats:
 
     def histogram(self) -> dict[int, int]:
         return {n: self.accept_lengths.count(n) for n in range(1, self.mtp_steps + 2)}
-
-
-# --- 3. accept: pure tensor functions ----------------------------------------------------------
-
-def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """drafts [b, k], the main model's argmax at the k+1 verify positions [b, k+1] ->
-    (number of accepted drafts [b], the main model's next token after them [b])."""
-    k = drafts.shape[1]
-    accepted = (target_ids[:, :k] == drafts).long().cumprod(1).sum(1)  # length of the agreeing prefix
-    return accepted, target_ids.gather(1, accepted[:, None]).squeeze(1)
-
-
-def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
-                   uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """drafts [b, k] drawn from draft_probs q [b, k, V]; target_probs p [b, k+1, V]; uniforms
-    [b, k] in [0, 1) -> (number of accepted drafts a [b], distribution of the next token [b, V]).
-
-    Draft j is kept while u_j < p(d_j) / q(d_j). After a rejection at j the next token comes from
-    max(0, p_j - q_j) renormalised; after k acceptances from p_k, the target after the last draft.
-    """
-    b, k = drafts.shape
-    p_draft = target_probs[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # p(d_j) [b, k]
-    q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)  # q(d_j) [b, k]
-    accepted = (uniforms * q_draft < p_draft).long().cumprod(1).sum(1)  # [b]
-    rows = torch.arange(b, device=drafts.device)
-    p_next = target_probs[rows, accepted]  # [b, V]
-    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, accepted]  # 0 after k
-    residual = (p_next - q_next).clamp_min(0)
-    total = residual.sum(-1, keepdim=True)
-    # an all-zero residual means p == q at the rejected draft (rounding only): any p-sample is right
-    return accepted, torch.where(total > 0, residual / total.clamp_min(1e-30), p_next)
 
 
 # --- the state of every row ---------------------------------------------------------------------
@@ -137,7 +107,7 @@ def scatter_rows(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Te
     buffer[rows, positions[rows, cols]] = values[rows, cols]
 
 
-# --- 1. draft, 2. verify, 4. commit and roll back -----------------------------------------------
+# --- 1. draft, 2. verify -----------------------------------------------------------------------
 
 def draft(model, state: Rows, mtp_caches, active, sampler: Sampler | None):
     """Runs MTP block j over positions mtp_clean[j] .. last of every active row -> drafts [b, k],
@@ -173,6 +143,39 @@ def verify(model, state: Rows, drafts, cache, active):
     return model.logits(h), mtp_hidden_input(model, h.to(drafts.device))
 
 
+# --- 3. accept: pure tensor functions -----------------------------------------------------------
+
+def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts [b, k], the main model's argmax at the k+1 verify positions [b, k+1] ->
+    (number of accepted drafts [b], the main model's next token after them [b])."""
+    k = drafts.shape[1]
+    accepted = (target_ids[:, :k] == drafts).long().cumprod(1).sum(1)  # length of the agreeing prefix
+    return accepted, target_ids.gather(1, accepted[:, None]).squeeze(1)
+
+
+def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
+                   uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts [b, k] drawn from draft_probs q [b, k, V]; target_probs p [b, k+1, V]; uniforms
+    [b, k] in [0, 1) -> (number of accepted drafts a [b], distribution of the next token [b, V]).
+
+    Draft j is kept while u_j < p(d_j) / q(d_j). After a rejection at j the next token comes from
+    max(0, p_j - q_j) renormalised; after k acceptances from p_k, the target after the last draft.
+    """
+    b, k = drafts.shape
+    p_draft = target_probs[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # p(d_j) [b, k]
+    q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)  # q(d_j) [b, k]
+    accepted = (uniforms * q_draft < p_draft).long().cumprod(1).sum(1)  # [b]
+    rows = torch.arange(b, device=drafts.device)
+    p_next = target_probs[rows, accepted]  # [b, V]
+    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, accepted]  # 0 after k
+    residual = (p_next - q_next).clamp_min(0)
+    total = residual.sum(-1, keepdim=True)
+    # an all-zero residual means p == q at the rejected draft (rounding only): any p-sample is right
+    return accepted, torch.where(total > 0, residual / total.clamp_min(1e-30), p_next)
+
+
+# --- 4. commit and roll back --------------------------------------------------------------------
+
 def commit(state: Rows, drafts, accepted, next_token, hidden, active, stop, max_new_tokens) -> None:
     """Appends d1..d_a and the next token to every active row, cut after its first stop token and
     at max_new_tokens; keeps the verified positions' hidden states and moves `last` past them."""
@@ -204,8 +207,8 @@ def roll_back(state: Rows, cache: HybridCache, mtp_caches) -> None:
 
 # --- the loop -----------------------------------------------------------------------------------
 
-def prefill(model, input_ids, mask, k: int, max_new_tokens: int, sampler: Sampler | None, stop):
-    """The prompt through the main model -> (Rows with the first new token, main cache, MTP caches)."""
+def start(model, input_ids, mask, k: int, max_new_tokens: int, sampler: Sampler | None, stop):
+    """The prompt through the main model (prefill) -> (Rows with the first new token, main cache, MTP caches)."""
     config, device, dtype = model.config, model.device, model.dtype
     b, width = input_ids.shape
     capacity = width + max_new_tokens + k  # the prompt, the new tokens and one cycle's drafts
@@ -213,7 +216,7 @@ def prefill(model, input_ids, mask, k: int, max_new_tokens: int, sampler: Sample
     mtp_caches = [RingLayerCache(block.geometry, b, dtype, block.enorm.weight.device, reserve=k)
                   for block in model.model.mtp.layers[:k]]
     positions = positions_from_mask(mask)
-    h = model.trunk(input_ids, positions=positions, cache=cache)[-1]
+    h = prefill(model, input_ids, cache, positions=positions)  # [b, t, c] before the final norm
     logits = model.logits(h[:, -1])
     first = logits.argmax(-1) if sampler is None else sampler.sample(sampler.distribution(logits))
     state = Rows(tokens=torch.zeros(b, capacity, dtype=torch.long, device=device),
@@ -257,7 +260,7 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     sampler = None if temperature == 0 else Sampler(temperature, top_k, top_p, generator)
 
-    state, cache, mtp_caches = prefill(model, input_ids, mask, k, max_new_tokens, sampler, stop)
+    state, cache, mtp_caches = start(model, input_ids, mask, k, max_new_tokens, sampler, stop)
     while bool((active := state.active(max_new_tokens)).any()):
         drafts, draft_probs = draft(model, state, mtp_caches, active, sampler)
         logits, hidden = verify(model, state, drafts, cache, active)
