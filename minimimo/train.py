@@ -1,42 +1,51 @@
-"""Train the embedded default: a small MiMo on Python source, on the CPU, reproducibly.
+"""Train the embedded default: a small MiMo on Python source, on the CPU, reproducibly, resumably.
 
-    python -m minimimo.train --out minimimo/checkpoints/mimo-tiny-python     # ~25 + ~10 min, one core
+    python -m minimimo.train --out minimimo/checkpoints/mimo-tiny-python --work <scratch folder>
 
 It has the whole MiMo-V2-Flash architecture at laptop size: hybrid sliding/global attention with
 sinks, a dense layer 0 then MoE layers with the sigmoid router, and three MTP blocks trained with
-the MTP loss. The data is the source code of the running interpreter's standard library (on
-every machine, no download); the tokenizer is a byte-level BPE trained on it with `tokenizers`.
+the MTP loss. The data is the source code of the running interpreter's standard library, tests
+included (on every machine, no download): every `.py` file that parses. One file in 50, chosen by
+a hash of its path, is held out for validation; `bench/heldout_code.py` (code in no corpus) is a
+second validation text. The tokenizer is a byte-level BPE trained on the training files.
 
-Training recipe (the paper's, scaled down), phase 1:
+Phase 1, the paper's recipe scaled down:
 * loss = CE(main next token) + mtp_weight * mean_k CE(MTP block k predicts token q + k + 2);
-* AdamW (betas 0.9 / 0.95, weight decay 0.1), linear warm-up then cosine decay;
+* AdamW (betas 0.9 / 0.95, weight decay 0.1 on matrices), linear warm-up then cosine decay to
+  10% of the peak learning rate;
 * auxiliary-loss-free balancing: after every step each router's `e_score_correction_bias` moves
-  by `bias_rate * sign(mean load - load)` — under-used experts become easier to choose. The
+  by `bias_rate * sign(mean load - load)` - under-used experts become easier to choose. The
   bias never gets a gradient and never changes the expert weights, only the choice.
 
 Phase 2 (`distill_mtp`) freezes the main model, read back from the phase-1 checkpoint, and trains
 only the MTP blocks to match the main model's own next-token distributions (KL divergence): a
 drafter is judged by agreement with the model it drafts for, and a small model's MTP blocks
-trained on corpus tokens alone agree with it too rarely (mean acceptance ~2.0 at k = 3).
+trained on corpus tokens alone agree with it too rarely.
 
+Every few minutes the whole training state (weights, optimizer, step, random generator, history)
+goes to `<work>/state.pt`; `--resume` continues from it and ends where an uninterrupted run ends.
+Validation bits per byte (held-out text, every `--eval-every` steps) are printed and recorded.
 The checkpoint is written in the official hub layout (config.json, index, per-layer shards,
 `model_mtp.safetensors`, tokenizer.json) in bfloat16, with a `training.json` of what was done.
-The run is a fixed number of steps from a seed, so it repeats on the same interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
+import shlex
 import sysconfig
 import time
+import warnings
+import zlib
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
+from .checkpoint import load
 from .config import MiMoConfig
 from .hub import save_checkpoint
 from .model import MiMoForCausalLM
@@ -44,39 +53,128 @@ from .moe import Router, update_correction_bias_
 from .mtp import mtp_hidden_input, mtp_logits
 from .tokenizer import ENDOFTEXT, save_tokenizer, train_bpe_tokenizer
 
-SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__", "ensurepip"}
+SKIP_DIRS = {"site-packages", "__pycache__", "ensurepip"}  # installed packages, caches, bundled wheels
+HELD_OUT_ONE_IN = 50
+HELDOUT_CODE = Path(__file__).resolve().parents[1] / "bench" / "heldout_code.py"  # in a source checkout
 
 
-def stdlib_sources(max_chars: int) -> list[str]:
-    """The interpreter's own standard-library .py files, sorted by path, up to max_chars."""
+# ---------------------------------------------------------------------------------------- data
+def stdlib_files():
+    """Yields (path relative to the stdlib, text) of every standard-library .py file that parses,
+    in path order.
+
+    Parsing is the filter: the test suite ships deliberately broken files (bad syntax, bad
+    encodings) that would teach the model non-Python."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
     for path in sorted(root.rglob("*.py")):
-        if SKIP_DIRS & set(path.relative_to(root).parts):
+        relative = path.relative_to(root)
+        if SKIP_DIRS & set(relative.parts):
             continue
         try:
             text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # invalid escape sequences and the like
+                ast.parse(text)
+        except (UnicodeDecodeError, SyntaxError, ValueError, OSError):
             continue
-        texts.append(text)
-        total += len(text)
+        yield relative.as_posix(), text
+
+
+def is_validation(relative_path: str) -> bool:
+    """The held-out rule: one file in HELD_OUT_ONE_IN by a hash of its path (stable under any
+    order or subset of files)."""
+    return zlib.crc32(relative_path.encode()) % HELD_OUT_ONE_IN == 0
+
+
+def split_corpus(files, max_chars: int) -> tuple[list[str], list[str]]:
+    """Training texts (in path order, until max_chars is reached) and the held-out texts met on the
+    way (all of them when the whole library fits in max_chars)."""
+    train, held_out, total = [], [], 0
+    for relative, text in files:
         if total >= max_chars:
             break
+        if is_validation(relative):
+            held_out.append(text)
+        else:
+            train.append(text)
+            total += len(text)
+    return train, held_out
+
+
+def encode_documents(tokenizer, texts: list[str], eot: int) -> torch.Tensor:
+    """All texts as one token stream, each document followed by the end-of-text token."""
+    ids = []
+    for encoding in tokenizer.encode_batch(texts):
+        ids += encoding.ids + [eot]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_batch(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+    return torch.stack([data[s:s + seq] for s in starts.tolist()])
+
+
+# ---------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def bits_per_byte(model, ids: list[int], n_bytes: int, context: int = 128) -> float:
+    """Bits per byte of a text whose token ids are `ids` (first id: the end-of-text token that
+    starts every document, so the first real token is scored too) and UTF-8 length `n_bytes`.
+
+    Sliding windows of `context` tokens, stride context // 2: every token is scored once, with
+    between context // 2 and context - 1 tokens before it (all of them near the start). Bits per
+    byte compares models whatever their tokenizers: the same text, the same bytes."""
+    if n_bytes <= 0 or len(ids) < 2:
+        raise ValueError(f"bits_per_byte needs a non-empty text, got {n_bytes} bytes and {len(ids)} ids")
+    was_training = model.training
+    model.eval()
+    stride, nats, scored = context // 2, 0.0, 1  # id 0 (end-of-text) is context, never a target
+    for begin in range(0, len(ids) - 1, stride):
+        window = torch.tensor(ids[begin:begin + context])[None]
+        logits = model(window).float()[0, :-1]  # predicts window[1:]
+        targets = window[0, 1:]
+        first = scored - begin - 1  # skip targets an earlier window scored
+        nats += F.cross_entropy(logits[first:], targets[first:], reduction="sum").item()
+        scored = begin + window.shape[1]
+        if scored >= len(ids):
+            break
+    model.train(was_training)
+    return nats / math.log(2) / n_bytes
+
+
+def validation_texts(held_out: list[str], max_chars: int) -> dict[str, str]:
+    """Fixed validation texts: the first held-out stdlib files up to max_chars, and the repository's
+    held-out code when this is a source checkout."""
+    texts, stdlib = {}, ""
+    for text in held_out:
+        if len(stdlib) >= max_chars:
+            break
+        stdlib += text
+    if stdlib:  # none when the corpus is cut before the first held-out file
+        texts["stdlib_heldout"] = stdlib[:max_chars]
+    if HELDOUT_CODE.is_file():
+        texts["heldout_code"] = HELDOUT_CODE.read_text(encoding="utf-8")
     return texts
 
 
-def small_config(vocab_size: int) -> MiMoConfig:
-    """The default's shape: 8 layers (GSSSSGSS), 8 experts top-2, window 32, 3 MTP blocks."""
+def evaluate(model, tokenizer, texts: dict[str, str], eot: int, context: int) -> dict[str, float]:
+    return {name: round(bits_per_byte(model, [eot] + tokenizer.encode(text).ids, len(text.encode()), context), 4)
+            for name, text in texts.items()}
+
+
+# ---------------------------------------------------------------------------------------- model
+def small_config(vocab_size: int, hidden_size: int = 128, window: int = 64) -> MiMoConfig:
+    """The default's shape: 8 layers (GSSSSGSS), 8 experts top-2, 3 MTP blocks, heads of 48/32."""
     return MiMoConfig.tiny(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, moe_intermediate_size=192,
-        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1, head_dim=48, v_head_dim=32,
-        swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=48, swa_v_head_dim=32,
-        sliding_window_size=32, n_routed_experts=8, num_experts_per_tok=2, num_mtp_layers=3,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+        moe_intermediate_size=3 * hidden_size // 2, num_hidden_layers=8,
+        num_attention_heads=hidden_size // 32, num_key_value_heads=1, head_dim=48, v_head_dim=32,
+        swa_num_attention_heads=hidden_size // 32, swa_num_key_value_heads=2, swa_head_dim=48, swa_v_head_dim=32,
+        sliding_window_size=window, n_routed_experts=8, num_experts_per_tok=2, num_mtp_layers=3,
         max_position_embeddings=4096, torch_dtype="bfloat16", attention_value_scale=0.707)
 
 
 def mtp_loss(model, ids: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:
-    """Mean over blocks of CE(block k at position q -> token q + k + 2), teacher-forced."""
+    """Per block k: CE(block k at position q -> token q + k + 2), teacher-forced."""
     b, t = ids.shape
     hidden = mtp_hidden_input(model, h_last)
     losses = []
@@ -88,123 +186,101 @@ def mtp_loss(model, ids: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:
     return torch.stack(losses)
 
 
-def distill_mtp(directory: Path, texts: list[str], *, steps: int, batch: int, seq: int, lr: float, seed: int) -> list:
-    """Phase 2: teach the MTP blocks to agree with the main model they draft for.
-
-    The main model (frozen) is read back from the phase-1 checkpoint; block k at position q learns
-    the main model's own next-token distribution at q + k + 1 (KL divergence) instead of the
-    corpus token. Greedy drafting is judged by agreement with the main model, so this is the
-    target that raises the acceptance length (self-distillation, as EAGLE-style drafters do)."""
-    from .checkpoint import load
-    from .tokenizer import Tokenizer
-
-    model = load(directory, dtype=torch.float32, progress=False)
-    tokenizer = Tokenizer.from_pretrained(directory)
-    eot = tokenizer.token_id(ENDOFTEXT)
-    ids = []
-    for encoding in tokenizer.backend.encode_batch(texts):
-        ids += encoding.ids + [eot]
-    data = torch.tensor(ids, dtype=torch.long)
-    model.requires_grad_(False)
-    mtp_params = list(model.model.mtp.parameters())
-    for p in mtp_params:
-        p.requires_grad_(True)
-    model.train()
-    optimizer = torch.optim.AdamW(mtp_params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed + 1)
-    history = []
-    for step in tqdm(range(steps), desc="distilling MTP", unit="step"):
-        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
-        tokens = torch.stack([data[s:s + seq] for s in starts.tolist()])
-        with torch.no_grad():
-            h_last = model.trunk(tokens)[-1]
-            teacher = model.logits(h_last).log_softmax(-1)  # [b, t, V]: main's next-token distribution
-        hidden = mtp_hidden_input(model, h_last)
-        losses = []
-        for k in range(model.config.num_mtp_layers):
-            n = seq - k - 1
-            positions = torch.arange(n).expand(batch, n)
-            student = mtp_logits(model, k, tokens[:, k + 1:k + 1 + n], hidden[:, :n], positions).log_softmax(-1)
-            losses.append(F.kl_div(student, teacher[:, k + 1:k + 1 + n], log_target=True, reduction="batchmean") / n)
-        loss = torch.stack(losses).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 25 == 0 or step == steps - 1:
-            history.append({"step": step, "kl": [round(x.item(), 4) for x in losses]})
-    model.eval()
-    return model, history
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to 0.1 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "checkpoints" / "mimo-tiny-python"))
-    p.add_argument("--steps", type=int, default=900)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--corpus-chars", type=int, default=8_000_000)
-    p.add_argument("--mtp-weight", type=float, default=0.5)
-    p.add_argument("--bias-rate", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)  # one thread: steady on a shared machine
-    p.add_argument("--distill-steps", type=int, default=800, help="phase 2: MTP self-distillation steps (0: skip)")
-    p.add_argument("--distill-lr", type=float, default=1e-3)
-    p.add_argument("--distill-only", action="store_true",
-                   help="run phase 2 only, on the phase-1 checkpoint already in --out")
-    args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    if args.distill_only:
-        out = Path(args.out)
-        summary = json.loads((out / "training.json").read_text())
-        distill_phase(out, stdlib_sources(args.corpus_chars), args, summary)
-        (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"distilled the MTP blocks of {out}")
-        return 0
-    torch.set_num_threads(args.threads)
+class Saver:
+    """Writes the training state to `<work>/state.pt` every `minutes` (atomically: a kill during
+    the write leaves the previous state)."""
+
+    def __init__(self, work: Path, minutes: float):
+        self.path, self.seconds, self.last = work / "state.pt", 60 * minutes, time.perf_counter()
+
+    def maybe_save(self, state_fn, force: bool = False) -> None:
+        if force or time.perf_counter() - self.last >= self.seconds:
+            partial = self.path.with_suffix(".partial")
+            torch.save(state_fn(), partial)
+            partial.replace(self.path)
+            self.last = time.perf_counter()
+
+    def load(self, phase: str | None) -> dict | None:
+        """The saved state if there is one of this phase (None: of any phase)."""
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, weights_only=False)
+        return state if phase is None or state["phase"] == phase else None
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- phases
+def train_main(args, work: Path, saver: Saver, resume: bool) -> dict:
+    """Phase 1: writes the main model + MTP blocks to <work>/phase1; returns the summary."""
     start = time.perf_counter()
-
-    texts = stdlib_sources(args.corpus_chars)
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab)
+    train_texts, held_out = split_corpus(stdlib_files(), args.corpus_chars)
+    tokenizer_dir = work / "tokenizer"
+    state = saver.load("main") if resume else None
+    if state is not None:  # the same tokenizer (training it again would also give it, slower)
+        import tokenizers
+        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    else:
+        tokenizer = train_bpe_tokenizer(train_texts, vocab_size=args.vocab)
+        save_tokenizer(tokenizer, tokenizer_dir)
     eot = tokenizer.token_to_id(ENDOFTEXT)
-    ids = []
-    for encoding in tokenizer.encode_batch(texts):
-        ids += encoding.ids + [eot]
-    data = torch.tensor(ids, dtype=torch.long)
-    print(f"corpus: {len(texts)} stdlib files, {sum(map(len, texts)):,} chars, {len(data):,} tokens "
-          f"(vocab {tokenizer.get_vocab_size()})")
+    data = encode_documents(tokenizer, train_texts, eot)
+    val_texts = validation_texts(held_out, args.val_chars)
+    log(f"corpus: {len(train_texts)} stdlib files, {sum(map(len, train_texts)):,} chars, {len(data):,} tokens "
+        f"(vocab {tokenizer.get_vocab_size()}); held out: {len(held_out)} files")
 
-    config = small_config(tokenizer.get_vocab_size())
+    config = small_config(tokenizer.get_vocab_size(), args.hidden, args.window)
     model = MiMoForCausalLM(config).init_weights(args.seed).train()
     with torch.no_grad():  # start the biases at zero: balancing moves them
         for name, param in model.named_parameters():
             if name.endswith("e_score_correction_bias"):
                 param.zero_()
     counts = config.parameter_counts()
-    print(f"model: {counts['total']:,} parameters ({counts['active']:,} active) + MTP {counts['mtp']:,}")
+    log(f"model: {counts['total']:,} parameters ({counts['active']:,} active) + MTP {counts['mtp']:,}")
 
     loads = {}
     for name, module in model.named_modules():
         if isinstance(module, Router):
             module.register_forward_hook(lambda m, inp, out, name=name: loads.__setitem__(name, out[1]))
     routers = {name: m for name, m in model.named_modules() if isinstance(m, Router)}
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p.requires_grad]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
-    warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    warmup = max(1, args.steps // 50)
     gen = torch.Generator().manual_seed(args.seed)
-    history = []
-    bar = tqdm(range(args.steps), desc="training", unit="step")
-    for step in bar:
-        starts = torch.randint(0, len(data) - args.seq - 1, (args.batch,), generator=gen)
-        batch = torch.stack([data[s:s + args.seq] for s in starts.tolist()])
+    history, validation, first_step, elapsed = [], [], 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        history, validation, first_step, elapsed = state["history"], state["validation"], state["step"], state["seconds"]
+        log(f"resumed phase 1 at step {first_step}")
+
+    def snapshot(step):
+        return {"phase": "main", "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(), "history": history, "validation": validation,
+                "seconds": elapsed + time.perf_counter() - start}
+
+    for step in range(first_step, args.steps):
+        if step % args.eval_every == 0:
+            validation.append({"step": step, **evaluate(model, tokenizer, val_texts, eot, args.eval_context)})
+            log(f"step {step} validation bits/byte {validation[-1]}")
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(step, args.steps, warmup)
+        batch = random_batch(data, args.batch, args.seq, gen)
         h_last = model.trunk(batch)[-1]
-        logits = model.lm_head(model.model.norm(h_last))
+        logits = model.logits(h_last)
         main_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
         mtp = mtp_loss(model, batch, h_last)
         loss = main_loss + args.mtp_weight * mtp.mean()
@@ -212,40 +288,180 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
         for name, router in routers.items():  # auxiliary-loss-free balancing
             update_correction_bias_(router, loads[name], args.bias_rate)
         if step % 25 == 0 or step == args.steps - 1:
-            row = {"step": step, "loss": round(main_loss.item(), 4), "mtp": [round(x, 4) for x in mtp.tolist()]}
-            history.append(row)
-            bar.set_postfix(loss=row["loss"], mtp=row["mtp"])
+            history.append({"step": step, "loss": round(main_loss.item(), 4), "mtp": [round(x, 4) for x in mtp.tolist()]})
+            seconds = elapsed + time.perf_counter() - start
+            log(f"step {step}/{args.steps} loss {history[-1]['loss']} mtp {history[-1]['mtp']} "
+                f"lr {optimizer.param_groups[0]['lr']:.2e} {seconds / 60:.1f} min")
+        saver.maybe_save(lambda: snapshot(step + 1), force=step + 1 == args.stop_at)
+        if step + 1 == args.stop_at:
+            raise SystemExit(f"stopped after step {args.stop_at} (--stop-at); continue with --resume")
+    validation.append({"step": args.steps, **evaluate(model, tokenizer, val_texts, eot, args.eval_context)})
+    log(f"final validation bits/byte {validation[-1]}")
 
     model.eval()
-    out = Path(args.out)
-    save_checkpoint(model, out, dtype=torch.bfloat16, layout="hub")
-    save_tokenizer(tokenizer, out)
+    save_checkpoint(model, work / "phase1", dtype=torch.bfloat16, layout="hub")
+    save_tokenizer(tokenizer, work / "phase1")
     summary = {
-        "what": "minimimo.train: small MiMo (full architecture) on the interpreter's stdlib source",
-        "args": {**vars(args), "out": args.out if not Path(args.out).is_absolute() else Path(args.out).name},
-        "corpus_files": len(texts), "corpus_tokens": len(data),
-        "parameters": counts, "minutes_phase1": round((time.perf_counter() - start) / 60, 1), "history": history,
+        "corpus": {"source": "the interpreter's standard library: every .py file that parses, tests included, "
+                             f"outside {sorted(SKIP_DIRS)}; sorted by path",
+                   "held_out_rule": f"crc32(path relative to the stdlib) % {HELD_OUT_ONE_IN} == 0",
+                   "train_files": len(train_texts), "train_chars": sum(map(len, train_texts)),
+                   "train_tokens": len(data), "held_out_files": len(held_out),
+                   "validation_texts": {name: len(text) for name, text in val_texts.items()}},
+        "parameters": counts, "history": history, "validation": validation,
+        "validation_note": f"bits per byte, context {args.eval_context} tokens (bf16 export not applied)",
+        "minutes_phase1": round((elapsed + time.perf_counter() - start) / 60, 1),
     }
-    if args.distill_steps:  # phase 2 starts from the checkpoint on disk, as `--distill-only` does
-        distill_phase(out, texts, args, summary)
-    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {out} in {(time.perf_counter() - start) / 60:.1f} min")
-    return 0
+    saver.maybe_save(lambda: {**snapshot(args.steps), "phase": "main_done", "summary": summary}, force=True)
+    return summary
 
 
-def distill_phase(out: Path, texts: list[str], args, summary: dict) -> None:
+def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCausalLM, dict]:
+    """Phase 2: teach the MTP blocks to agree with the main model they draft for.
+
+    The main model (frozen) is read back from the phase-1 checkpoint (bfloat16 weights, as
+    shipped, computed in float32); block k at position q learns the main model's own next-token
+    distribution at q + k + 1 (KL divergence) instead of the corpus token. Greedy drafting is
+    judged by agreement with the main model, so this is the target that raises the acceptance
+    length (self-distillation, as EAGLE-style drafters do). `agree` is the fraction of positions
+    where block k's argmax equals the main model's."""
+    from .tokenizer import Tokenizer
+
     start = time.perf_counter()
-    model, history = distill_mtp(out, texts, steps=args.distill_steps, batch=args.batch, seq=args.seq,
-                                 lr=args.distill_lr, seed=args.seed)
+    model = load(work / "phase1", dtype=torch.float32, progress=False)
+    tokenizer = Tokenizer.from_pretrained(work / "phase1")
+    train_texts, _ = split_corpus(stdlib_files(), args.corpus_chars)
+    data = encode_documents(tokenizer.backend, train_texts, tokenizer.token_id(ENDOFTEXT))
+    model.requires_grad_(False)
+    mtp_params = list(model.model.mtp.parameters())
+    for p in mtp_params:
+        p.requires_grad_(True)
+    model.train()
+    optimizer = torch.optim.AdamW(mtp_params, lr=args.distill_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    history, first_step, elapsed = [], 0, 0.0
+    state = saver.load("distill") if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        history, first_step, elapsed = state["history"], state["step"], state["seconds"]
+        log(f"resumed phase 2 at step {first_step}")
+
+    def snapshot(step):
+        return {"phase": "distill", "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(), "history": history, "seconds": elapsed + time.perf_counter() - start,
+                "summary": args.summary}
+
+    steps, seq, batch = args.distill_steps, args.seq, args.distill_batch
+    warmup = max(1, steps // 50)
+    for step in range(first_step, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = args.distill_lr * lr_factor(step, steps, warmup)
+        tokens = random_batch(data, batch, seq, gen)
+        with torch.no_grad():
+            h_last = model.trunk(tokens)[-1]
+            teacher = model.logits(h_last).log_softmax(-1)  # [b, t, V]: main's next-token distribution
+        hidden = mtp_hidden_input(model, h_last)
+        losses, agree = [], []
+        for k in range(model.config.num_mtp_layers):
+            n = seq - k - 1
+            positions = torch.arange(n).expand(batch, n)
+            student = mtp_logits(model, k, tokens[:, k + 1:k + 1 + n], hidden[:, :n], positions).log_softmax(-1)
+            target = teacher[:, k + 1:k + 1 + n]
+            losses.append(F.kl_div(student, target, log_target=True, reduction="batchmean") / n)
+            agree.append((student.argmax(-1) == target.argmax(-1)).float().mean().item())
+        loss = torch.stack(losses).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == steps - 1:
+            history.append({"step": step, "kl": [round(x.item(), 4) for x in losses], "agree": [round(a, 3) for a in agree]})
+            seconds = elapsed + time.perf_counter() - start
+            log(f"distill step {step}/{steps} kl {history[-1]['kl']} agree {history[-1]['agree']} {seconds / 60:.1f} min")
+        saver.maybe_save(lambda: snapshot(step + 1))
+    model.eval()
+    summary = {"distill_args": {"steps": steps, "lr": args.distill_lr, "batch": batch, "seq": seq,
+                                "seed": args.seed},
+               "distill_history": history, "minutes_phase2": round((elapsed + time.perf_counter() - start) / 60, 1)}
+    return model, summary
+
+
+def command_line(args) -> str:
+    """The command that repeats this run (output folder relative, no scratch paths)."""
+    defaults = parser().parse_args([])
+    parts = ["python -m minimimo.train", "--out minimimo/checkpoints/mimo-tiny-python", "--work <scratch folder>"]
+    for key, value in vars(args).items():
+        if key not in ("out", "work", "resume", "summary", "stop_at") and value != getattr(defaults, key):
+            parts.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).parent / "checkpoints" / "mimo-tiny-python"))
+    p.add_argument("--work", required=False, default=None,
+                   help="scratch folder for the training state, the phase-1 checkpoint and the tokenizer")
+    p.add_argument("--resume", action="store_true", help="continue from <work>/state.pt")
+    p.add_argument("--steps", type=int, default=2300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--window", type=int, default=64, help="sliding-window size of the local layers")
+    p.add_argument("--corpus-chars", type=int, default=100_000_000, help="cap on training text (default: all)")
+    p.add_argument("--val-chars", type=int, default=30_000, help="held-out stdlib text validated on")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-context", type=int, default=128)
+    p.add_argument("--mtp-weight", type=float, default=0.5)
+    p.add_argument("--bias-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)  # one thread: steady on a shared machine
+    p.add_argument("--save-minutes", type=float, default=4.0, help="write the training state this often")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="save the state and stop after this phase-1 step, as a killed run would (tests resuming)")
+    p.add_argument("--distill-steps", type=int, default=1500, help="phase 2: MTP self-distillation steps (0: skip)")
+    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--distill-batch", type=int, default=16)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_name(out.name + "-work")
+    work.mkdir(parents=True, exist_ok=True)
+    saver = Saver(work, args.save_minutes)
+    state = saver.load(None) if args.resume else None
+    if state is not None and state["phase"] in ("main_done", "distill"):
+        summary = state["summary"]  # phase 1 is on disk in <work>/phase1
+    else:
+        summary = train_main(args, work, saver, args.resume)
+    args.summary = summary
+    if args.distill_steps:
+        model, distilled = distill_mtp(args, work, saver, args.resume)
+        summary.update(distilled)
+    else:
+        model = load(work / "phase1", dtype=torch.float32, progress=False)
     save_checkpoint(model, out, dtype=torch.bfloat16, layout="hub")
-    summary["distill_args"] = {"steps": args.distill_steps, "lr": args.distill_lr, "batch": args.batch,
-                               "seq": args.seq, "seed": args.seed}
-    summary["distill_history"] = history
-    summary["minutes_phase2"] = round((time.perf_counter() - start) / 60, 1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((work / "phase1" / name).read_bytes())
+    record = {
+        "what": "minimimo.train: small MiMo (full architecture) on the interpreter's standard-library source",
+        "command": command_line(args),
+        "interpreter": f"Python {'.'.join(map(str, __import__('sys').version_info[:3]))}, torch {torch.__version__}",
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "work", "resume", "summary", "stop_at")},
+        **summary,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    log(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""minimimo.train on a tiny setting: a stopped run resumed ends exactly where an uninterrupted one
+ends, and the result is a loadable hub checkpoint with its training record."""
+
+import json
+
+import pytest
+import torch
+
+from minimimo import load
+from minimimo.train import bits_per_byte, lr_factor, main
+
+TINY = ["--steps", "6", "--batch", "2", "--seq", "32", "--vocab", "300", "--hidden", "64", "--window", "8",
+        "--corpus-chars", "60000", "--val-chars", "2000", "--eval-every", "3", "--eval-context", "64",
+        "--distill-steps", "0", "--save-minutes", "1000"]
+
+
+def finished_state(work):
+    return torch.load(work / "state.pt", weights_only=False)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    main(TINY + ["--out", str(tmp_path / "a"), "--work", str(tmp_path / "wa")])
+    with pytest.raises(SystemExit, match="stopped after step 4"):
+        main(TINY + ["--out", str(tmp_path / "b"), "--work", str(tmp_path / "wb"), "--stop-at", "4"])
+    stopped = finished_state(tmp_path / "wb")
+    assert (stopped["phase"], stopped["step"]) == ("main", 4)
+    main(TINY + ["--out", str(tmp_path / "b"), "--work", str(tmp_path / "wb"), "--resume"])
+
+    a, b = finished_state(tmp_path / "wa"), finished_state(tmp_path / "wb")
+    assert a["phase"] == b["phase"] == "main_done"
+    assert a["history"] == b["history"] and a["validation"] == b["validation"]
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert torch.equal(a["generator"], b["generator"])
+
+    record = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert record["command"].startswith("python -m minimimo.train")
+    assert "--steps 6" in record["command"] and "stop" not in record["command"]
+    assert [row["step"] for row in record["validation"]] == [0, 3, 6]
+    model = load(tmp_path / "b", dtype=torch.float32, progress=False)
+    assert model.config.num_mtp_layers == 3 and model.config.vocab_size == 300
+
+
+def test_bits_per_byte_scores_every_token_once():
+    """A model that predicts uniformly over V tokens costs log2(V) bits per token, whatever the
+    windows: the sliding windows must score each of the n tokens after the first exactly once."""
+    vocab = 64
+
+    class Uniform(torch.nn.Module):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, vocab)
+
+    ids = list(range(1, 50))
+    n_bytes = 100
+    for context in (4, 8, 16, 64):
+        expected = (len(ids) - 1) * torch.log2(torch.tensor(float(vocab))).item() / n_bytes
+        assert bits_per_byte(Uniform(), ids, n_bytes, context) == pytest.approx(expected, rel=1e-6)
+
+
+def test_learning_rate_schedule():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10) == pytest.approx(0.1)
+    factors = [lr_factor(s, 100, 10) for s in range(10, 101)]
+    assert all(x >= y for x, y in zip(factors, factors[1:]))  # cosine decays monotonically
