@@ -1,20 +1,32 @@
-"""Strict loading of a checkpoint in the official hub layout.
+"""Strict loading of a checkpoint in the official hub layout: one loader, in named steps.
 
-    model = minimimo.load("path/to/MiMo-V2-Flash", dtype=torch.bfloat16, device="cuda:0")
+    model = minimimo.load("path/to/MiMo-V2-Flash", device="cuda:0")           # config's bf16 on CUDA
+    model = minimimo.load(path)                                                # float32 on a CPU
+    model = minimimo.load(path, weight_dtype="fp8", devices=["cuda:0", "cuda:1"])
+    model = minimimo.load(path, tensor_parallel=True)                          # this rank's shard
 
-1. `config.json` -> MiMoConfig; `model.safetensors.index.json` -> where every tensor lives
-   (a folder with a single `model.safetensors` and no index works too).
-2. The model is built on the *meta* device (no memory), then each parameter is allocated empty
-   on the target device and filled tensor by tensor from `safe_open` (lazy, no pickle), so the
-   peak memory is the model plus one tensor.
-3. FP8 tensors (a weight with a `_scale_inv` companion) are dequantized block by block into the
-   requested dtype (`fp8.py`). bf16, fp32 and FP8 mix within a layer as on the hub; the router
-   stays float32.
-4. The MTP blocks (`model.mtp.layers.k.*`) load like the rest; a checkpoint without them loads
-   with `config.num_mtp_layers == 0` (no drafting).
-5. Every tensor is accounted for. A missing tensor, an unexpected one, a wrong shape or dtype, an
-   index naming a missing shard, a shard that cannot be read: each raises `CheckpointError`
-   naming the tensor and the file. No parameter is ever left uninitialised.
+`load` runs these steps, each a function below:
+
+1. **open** (`open_checkpoint`): `config.json` -> MiMoConfig (a key that shapes the computation
+   must be present); `model.safetensors.index.json` -> where every tensor lives (a folder with a
+   single `model.safetensors` works too); every shard's safetensors header (`shards.py`). Files
+   outside the folder, truncated shards and index/file disagreements are refused here.
+   Under tensor parallelism every rank then compares a fingerprint of what it read with the
+   others (`parallel.same_on_every_rank`).
+2. **check** (`check_against_config`): the config against the headers: no work the index cannot
+   back (a million experts, a 10^12-token vocabulary), every tensor present, expected, and of
+   the shape the config implies. Nothing has been built or allocated yet.
+3. **build** on the *meta* device (no memory): the whole model, or this rank's shard
+   (`parallel.sharded_model`); with `weight_dtype="fp8"` the FP8 modules are swapped in.
+4. **place**: every parameter's device: one device, a checked memory plan over several
+   (`plan.py`, refused before anything is allocated), or the rank's device.
+5. **allocate** each parameter empty on its device; then **fill** it tensor by tensor (`_fill`),
+   reading the whole tensor or the rank's rows/columns (the shard plan), so the peak memory is
+   the model plus one tensor. FP8 tensors are dequantized into the compute dtype block by block,
+   or kept in FP8. Every value is checked finite (a NaN, an Inf, the FP8 NaN byte) and every
+   parameter filled, or a `CheckpointError` names the tensor and the file.
+6. **report**: the model carries `load_report` (files, tensors, FP8 grids, bytes read, rank)
+   and `plan` (the memory plan when placed over devices).
 """
 
 from __future__ import annotations
@@ -25,21 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in a notebook (ipywidgets), text in a terminal
 
+from . import dtypes, parallel
 from .config import MiMoConfig
-from .fp8 import FP8, apply_scales, candidate_grids, choose_grid
+from .fp8 import FP8, ROW_BLOCK_SUFFIX, apply_scales, choose_grid
 from .hub import INDEX, SCALE_SUFFIX, TensorSpec, tensor_specs
 from .model import MiMoForCausalLM
+from .shards import CheckpointError, ShardReader, checkpoint_file, fingerprint, read_header
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
-          "bf16": torch.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config: names the tensor and the file at fault."""
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a non-FP8 tensor may be stored as
 
 
 @dataclass
@@ -51,125 +58,239 @@ class LoadReport:
     grids: dict[str, int] = field(default_factory=dict)  # FP8 row grid kind -> count
     mtp_blocks: int = 0  # MTP blocks loaded (0: drafting unavailable)
     bytes_read: int = 0  # bytes that left the disk
+    rank: int = 0  # under tensor parallelism: this rank of `world`
+    world: int = 1
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder, opened and checked but not loaded: config, index, shard headers."""
+
+    directory: Path
+    config: MiMoConfig
+    weight_map: dict[str, str]  # hub tensor name -> shard file
+    reader: ShardReader  # holds every shard's header
+
+
+def load(path: str | Path, *, dtype: torch.dtype | str | None = None, weight_dtype: str | None = None,
+         device: str | torch.device | None = None, devices: list | None = None,
+         placement: dict[str, int] | None = None, device_memory=None, context: int = 4096,
+         tensor_parallel: bool = False, progress: bool = True) -> MiMoForCausalLM:
+    """Load a hub-layout checkpoint directory into a MiMoForCausalLM in eval mode.
+
+    dtype: the compute dtype: of the activations and of every weight not kept in FP8 (FP8 weights
+        are dequantized into it; the router stays float32). Default: on CUDA the config's
+        `torch_dtype` (bfloat16 on the hub); on a CPU float32, bfloat16 only on request. A CPU
+        has no fast bfloat16 matmul, and bfloat16 rounds differently for different batch
+        shapes: MTP's (k+1)-token verify pass then drifts from one-token greedy decoding.
+    weight_dtype: "fp8" keeps the checkpoint's FP8 tensors in FP8 on their device (`FP8Linear`,
+        `FP8Experts`: dequantized strip by strip inside the matmul), the other tensors in `dtype`
+        (default bfloat16 here: what the release stores beside its FP8 tensors). None dequantizes.
+    device: the one device (default "cpu"; under tensor parallelism the rank's GPU, else "cpu").
+    devices: place the model over several devices (pipeline style, one process): embedding,
+        layers, head and MTP blocks go to devices by balanced bytes (`plan.py`), or by an explicit
+        `placement` {unit: device index}; activations move between devices in the forward. The
+        plan is checked against `device_memory` (default: each device's memory) for a `context`
+        of tokens before anything is allocated.
+    tensor_parallel: under an initialised process group, load this rank's shard (`parallel.py`).
+    """
+    directory = Path(path)
+    if weight_dtype not in (None, "fp8"):
+        raise ValueError(f"weight_dtype {weight_dtype!r}: use 'fp8' to keep the FP8 tensors in FP8, or None to "
+                         f"dequantize them into dtype (the compute dtype: pass dtype={weight_dtype!r} for that)")
+    keep_fp8 = weight_dtype == "fp8"
+    # 1-2. open and check (under tensor parallelism: on every rank, then compare what they read)
+    if tensor_parallel:
+        def open_and_check():
+            checkpoint = open_checkpoint(directory)
+            return (checkpoint, check_against_config(checkpoint)), fingerprint(
+                checkpoint_file(directory, "config.json", directory), checkpoint.weight_map, checkpoint.reader)
+
+        checkpoint, specs = parallel.same_on_every_rank(open_and_check, str(directory))
+        shard = parallel.shard_plan(checkpoint.config)
+        device = device or parallel.rank_device()
+    else:
+        checkpoint = open_checkpoint(directory)
+        specs, shard = check_against_config(checkpoint), None
+    config = checkpoint.config
+    targets = [torch.device(d) for d in (devices or [device or "cpu"])]
+    dtype = compute_dtype(dtype, config, targets, keep_fp8)
+    fp8_names = {n for n in specs if keep_fp8 and n + SCALE_SUFFIX in checkpoint.weight_map}
+    if fp8_names and shard is not None:
+        raise ValueError("weight_dtype='fp8' with tensor_parallel=True is not supported yet: each rank "
+                         "dequantizes its slice into dtype")
+    # 3. build on meta
+    with torch.device("meta"):
+        model = parallel.sharded_model(shard) if shard else MiMoForCausalLM(config)
+    if fp8_names:
+        _use_fp8_storage(model, specs, fp8_names, checkpoint.weight_map, directory, config)
+    # 4-5. place, allocate, fill
+    device_of, memory_plan = _placement(config, devices, placement, device_memory, keep_fp8, dtype, context,
+                                        device or "cpu")
+    _allocate(model, specs, dtype, device_of)
+    report = _fill(model, checkpoint, specs, dtype, fp8_names, device_of, shard, progress)
+    # 6. report
+    model.load_report = report
+    model.plan = memory_plan  # the checked memory plan when placed over devices, else None
+    return model.eval().requires_grad_(False)
+
+
+def compute_dtype(dtype, config: MiMoConfig, devices: list[torch.device], keep_fp8: bool = False) -> torch.dtype:
+    """`dtype` when given; else bfloat16 beside kept FP8, the config's dtype on CUDA, float32 on a CPU."""
+    if dtype is not None:
+        return dtypes.compute_dtype(dtype)
+    if keep_fp8:
+        return torch.bfloat16
+    if any(d.type == "cuda" for d in devices) and config.torch_dtype:
+        return dtypes.compute_dtype(config.torch_dtype, "config.json torch_dtype")
+    return torch.float32
+
+
+def open_checkpoint(directory: Path) -> Checkpoint:
+    """Step 1: config, index and every shard header, each file checked to lie in the folder."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint folder")
+    checkpoint_file(directory, "config.json", directory)
+    config = MiMoConfig.from_pretrained(directory)
+    weight_map = read_index(directory)
+    reader = ShardReader(directory, weight_map)
+    for file in sorted(set(weight_map.values())):
+        reader.handle(file)  # header: sizes checked, tensors checked against the index
+    return Checkpoint(directory, config, weight_map, reader)
 
 
 def read_index(directory: Path) -> dict[str, str]:
-    """tensor name -> shard file name, from the index (or the single-file layout)."""
+    """tensor name -> shard file name, from the index (or the single-file layout); every file
+    named must exist inside the folder."""
     index = directory / INDEX
     if index.is_file():
+        checkpoint_file(directory, INDEX, directory)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if not all(isinstance(f, str) for f in weight_map.values()):
+                raise TypeError("file names must be strings")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err})") from None
     elif (directory / "model.safetensors").is_file():
-        try:
-            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-                weight_map = {name: "model.safetensors" for name in f.keys()}
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{directory / 'model.safetensors'}: cannot read it: {err}") from None
+        path = checkpoint_file(directory, "model.safetensors", directory)
+        weight_map = {name: "model.safetensors" for name in read_header(path)}
     else:
         raise CheckpointError(f"{directory}: neither {INDEX} nor model.safetensors found")
     for name, file in weight_map.items():
-        if not (directory / file).is_file():
+        path = checkpoint_file(directory, file, index)
+        if not path.is_file():
             raise CheckpointError(f"{index}: tensor {name!r} is in shard {file!r}, which does not exist")
     return weight_map
 
 
-def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         progress: bool = True, tensor_parallel: bool = False, devices: list | None = None,
-         placement: dict[str, int] | None = None, weight_dtype: str | None = None,
-         device_memory=None, context: int = 4096) -> MiMoForCausalLM:
-    """Load a hub-layout checkpoint directory into a MiMoForCausalLM in eval mode.
-
-    dtype: compute dtype of the weights; None takes the config's `torch_dtype` (bfloat16 on the
-    hub). FP8 weights are dequantized into it; the router stays float32.
-    devices: place the model over several devices (pipeline style, one process): embedding,
-        layers, head and MTP blocks go to devices by balanced bytes (`plan.py`), or by an explicit
-        `placement` {unit: device index}; activations move between devices in the forward. The
-        plan is checked against `device_memory` (default: each device's memory) before anything
-        is allocated.
-    weight_dtype="fp8": keep the FP8 tensors of the checkpoint in FP8 on their device (`FP8Linear`,
-        dequantized strip by strip inside the matmul); everything else in bfloat16.
-    tensor_parallel: under an initialised process group, return this rank's shard (`parallel.py`).
-    """
-    if tensor_parallel:
-        from .parallel import load_tensor_parallel
-
-        return load_tensor_parallel(path, dtype=dtype, device=None if device == "cpu" else device,
-                                    progress=progress)
-    directory = Path(path)
-    config = MiMoConfig.from_pretrained(directory)
-    if weight_dtype not in (None, "fp8", "bf16", "bfloat16", "fp32", "float32"):
-        raise ValueError(f"weight_dtype {weight_dtype!r} not one of fp8, bf16, fp32")
-    keep_fp8 = weight_dtype == "fp8"
-    if keep_fp8 and dtype not in (None, torch.bfloat16, "bfloat16"):
-        raise ValueError("weight_dtype='fp8' keeps the other tensors in bfloat16; leave dtype unset")
-    dtype = torch.bfloat16 if keep_fp8 else _resolve_dtype(weight_dtype or dtype, config)
-    weight_map = read_index(directory)
+def check_against_config(checkpoint: Checkpoint) -> dict[str, TensorSpec]:
+    """Step 2: hub tensor name -> TensorSpec, once the config and the headers agree; before this
+    nothing is built, so a config that asks for too much fails here, fast, by name."""
+    config, weight_map, directory = checkpoint.config, checkpoint.weight_map, checkpoint.directory
+    # Listing the tensors costs time in proportion to the experts: bound it by the index first.
+    expert_matrices = 3 * config.n_routed_experts * sum(config.moe_layer_freq)
+    if expert_matrices > len(weight_map):
+        raise CheckpointError(f"{directory / 'config.json'}: n_routed_experts = {config.n_routed_experts:,} over "
+                              f"{sum(config.moe_layer_freq)} MoE layers means {expert_matrices:,} expert matrices, "
+                              f"but the index lists {len(weight_map):,} tensors in all")
     specs = tensor_specs(config)
     _check_names(weight_map, specs, directory)
-    device_of, the_plan = _placement(directory, config, devices, placement, device_memory, keep_fp8, dtype, context,
-                                     device)
+    for name, spec in specs.items():
+        shape = checkpoint.reader.shape(name)
+        if shape != spec.shape:
+            raise CheckpointError(f"{checkpoint.reader.where(name)}: tensor {name!r} has shape {list(shape)}, "
+                                  f"the config implies {list(spec.shape)}")
+    return specs
 
-    with torch.device("meta"):
-        model = MiMoForCausalLM(config)
-    fp8_names = {n for n in specs if keep_fp8 and n + SCALE_SUFFIX in weight_map}
-    if fp8_names:
-        _use_fp8_storage(model, specs, fp8_names, weight_map, directory, config)
-    _allocate(model, specs, dtype, device_of)
+
+def _fill(model, checkpoint: Checkpoint, specs, dtype, fp8_names, device_of, shard, progress) -> LoadReport:
+    """Step 5: copy every tensor this process holds (all of them, or the shard plan's rows and
+    columns) into the allocated model, checking each; returns the load report."""
+    config, reader, directory = checkpoint.config, checkpoint.reader, checkpoint.directory
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    filled: set[tuple[str, int | None]] = set()
-    report = LoadReport(directory)
-
-    reader = ShardReader(directory, weight_map, "cpu")
+    report = LoadReport(directory, rank=shard.rank if shard else 0, world=shard.world if shard else 1)
+    wanted = {n: (shard.ranges[n] if shard else (None, None)) for n in specs}  # (rows, cols) or "skip"
     by_file: dict[str, list[str]] = defaultdict(list)
-    for name, file in weight_map.items():
-        by_file[file].append(name)
+    for name in specs:
+        if wanted[name] != "skip":
+            by_file[checkpoint.weight_map[name]].append(name)
+    filled: set[tuple[str, int | None]] = set()
     for file in tqdm(sorted(by_file), desc="loading shards", unit="shard", disable=not progress):
-        reader.handle(file)  # opens it and checks its tensors against the index
         for name in sorted(by_file[file]):
-            if name.endswith(SCALE_SUFFIX):
-                continue  # read together with its weight
-            spec = specs[name]
+            spec, (rows, cols) = specs[name], wanted[name]
+            row = shard.expert_row(spec) if shard else spec.expert
             reader.device = str(device_of(spec.param))  # straight onto the tensor's device
             with torch.no_grad():
                 if name in fp8_names:
-                    fp8, scale = read_fp8(reader, name, spec, config, report)
-                    _slot(targets[spec.param], spec.expert).copy_(fp8)
-                    _slot(targets[spec.param + SCALE_SUFFIX], spec.expert).copy_(scale)
+                    fp8, scale, row_block = read_fp8(reader, name, spec, config, report)
+                    _check_finite(reader, name, fp8, scale)
+                    _slot(targets[spec.param], row).copy_(fp8)
+                    _slot(targets[spec.param + SCALE_SUFFIX], row).copy_(scale)
+                    targets[spec.param + ROW_BLOCK_SUFFIX].copy_(row_block)  # experts of a stack share it
                 else:
-                    _slot(targets[spec.param], spec.expert).copy_(read_weight(reader, name, spec, config, dtype, report))
+                    tensor = read_weight(reader, name, spec, config, dtype, report, rows=rows, cols=cols)
+                    _check_finite(reader, name, tensor)
+                    target = _slot(targets[spec.param], row)
+                    if tensor.shape != target.shape:
+                        raise CheckpointError(f"{reader.where(name)}: slice of {name!r} has shape "
+                                              f"{list(tensor.shape)}, rank {report.rank} expects {list(target.shape)}")
+                    target.copy_(tensor)
             filled.add((spec.param, spec.expert))
             report.tensors += 1
         reader.release(file)
         report.files += 1
-
-    missing = [s.param for s in specs.values() if (s.param, s.expert) not in filled]
-    if missing:  # cannot happen after _check_names; kept so no parameter is ever left unset
-        raise CheckpointError(f"{directory}: parameters left unfilled: {missing[:5]}")
+    expected = {(s.param, s.expert) for n, s in specs.items() if wanted[n] != "skip"}
+    if filled != expected:  # cannot happen after the checks; kept so no parameter is ever left unset
+        raise CheckpointError(f"{directory}: parameters left unfilled: {sorted(expected - filled)[:5]}")
     report.mtp_blocks = config.num_mtp_layers
     report.bytes_read = reader.bytes_read
-    model.load_report = report
-    model.plan = the_plan  # the checked memory plan when placed over devices, else None
-    return model.eval().requires_grad_(False)
+    return report
+
+
+def _check_finite(reader: ShardReader, name: str, tensor: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """A NaN or an Inf in a weight makes every logit NaN (the model then emits token 0 forever):
+    refuse it here, naming the tensor, the file and the first bad element."""
+    if tensor.dtype == FP8:  # e4m3fn has no Inf; its NaN is the byte 0x7F or 0xFF (S.1111.111)
+        bad = (tensor.view(torch.uint8) & 0x7F) == 0x7F
+    else:
+        bad = ~torch.isfinite(tensor)
+    if bad.any():
+        where = [int(i) for i in bad.nonzero()[0]]
+        scale_name = name + SCALE_SUFFIX
+        if tensor.dtype == FP8:
+            why = "holds the FP8 NaN byte (0x7F/0xFF)"
+        elif scale_name in reader.weight_map and bool((~torch.isfinite(reader.read(scale_name))).any()):
+            raise CheckpointError(f"{reader.where(scale_name)}: tensor {scale_name!r} holds NaN or Inf")
+        elif scale_name in reader.weight_map:
+            raw = reader.read(name)
+            fp8_nan = bool(((raw.view(torch.uint8) & 0x7F) == 0x7F).any()) if raw.dtype == FP8 else False
+            why = "holds the FP8 NaN byte (0x7F/0xFF)" if fp8_nan else f"overflows when dequantized to {tensor.dtype}"
+        else:
+            why = "holds NaN or Inf"
+        raise CheckpointError(f"{reader.where(name)}: tensor {name!r} {why} (first at index {where})")
+    if scale is not None and not bool(torch.isfinite(scale).all()):
+        raise CheckpointError(f"{reader.where(name + SCALE_SUFFIX)}: tensor {name + SCALE_SUFFIX!r} holds NaN or Inf")
 
 
 def _slot(tensor: torch.Tensor, expert: int | None) -> torch.Tensor:
     return tensor if expert is None else tensor[expert]
 
 
-def _placement(directory, config, devices, placement, device_memory, keep_fp8, dtype, context, device):
-    """param name -> device: one device, or the units of a checked plan over several."""
+def _placement(config, devices, placement, device_memory, keep_fp8, dtype, context, device):
+    """Step 4: param name -> device: one device, or the units of a checked plan over several."""
     if devices is None:
         if placement is not None:
             raise ValueError("placement needs devices=[...]")
         return (lambda name: torch.device(device)), None
     from .plan import plan, unit_of
 
+    if keep_fp8 and dtype != torch.bfloat16:
+        raise ValueError("the memory plan of weight_dtype='fp8' keeps the other tensors in bfloat16: "
+                         f"leave dtype unset or pass bfloat16 (got {dtype})")
     if device_memory is None:
         device_memory = [torch.cuda.get_device_properties(torch.device(d)).total_memory
                          if torch.device(d).type == "cuda" else 1 << 50 for d in devices]
-    weight_dtype = "fp8" if keep_fp8 else {torch.bfloat16: "bf16", torch.float16: "bf16"}.get(dtype, "fp32")
+    weight_dtype = "fp8" if keep_fp8 else dtypes.short(dtype)
     the_plan = plan(config, devices=list(devices), device_memory=device_memory, weight_dtype=weight_dtype,
                     context=context, placement=placement).check()  # refuses before any allocation
     names = [torch.device(d) for d in devices]
@@ -177,79 +298,41 @@ def _placement(directory, config, devices, placement, device_memory, keep_fp8, d
 
 
 def _use_fp8_storage(model, specs, fp8_names, weight_map, directory, config) -> None:
-    """Swap the modules whose checkpoint tensors are FP8 to FP8 storage (still on meta)."""
-    from .fp8 import FP8Linear
+    """Swap the modules whose checkpoint tensors are FP8 for `FP8Linear` / `FP8Experts` (on meta);
+    the fill loop then copies each FP8 weight, its scale and its row grid (`read_fp8`) into them."""
+    from .fp8 import FP8Experts, FP8Linear
 
-    block = config.fp8_block
+    if config.fp8_block is None:
+        raise CheckpointError(f"{directory}: FP8 tensors with a {SCALE_SUFFIX} but config.json has no "
+                              "quantization_config.weight_block_size")
     reader = ShardReader(directory, weight_map, "cpu")  # shapes only
-    experts_done = set()
+    expert_scales: dict[str, dict[str, tuple]] = defaultdict(dict)  # experts module -> projection -> scale shape
     for name in sorted(fp8_names):
         spec = specs[name]
-        scale_shape = reader.shape(name + SCALE_SUFFIX)
         module_name, _, attr = spec.param.rpartition(".")
+        if spec.expert is not None:
+            expert_scales[module_name].setdefault(attr, reader.shape(name + SCALE_SUFFIX))
+            continue
         module = model.get_submodule(module_name)
-        if spec.expert is None:
-            parent_name, _, child = module_name.rpartition(".")
-            linear = FP8Linear(module.in_features, module.out_features, scale_shape, block, head_size=spec.head_size)
-            setattr(model.get_submodule(parent_name), child, linear)
-        elif spec.param not in experts_done:
-            module.store_fp8(attr, scale_shape, block)
-            experts_done.add(spec.param)
-
-
-class ShardReader:
-    """Opens shards lazily and reads whole tensors or row/column slices (`get_slice`: only the
-    requested bytes leave the disk), counting the bytes read. The first open of a file checks its
-    tensors against the index."""
-
-    def __init__(self, directory: Path, weight_map: dict[str, str], device="cpu"):
-        self.directory, self.weight_map, self.device = directory, weight_map, str(device)
-        self.handles: dict[tuple[str, str], object] = {}
-        self.bytes_read = 0
-
-    def handle(self, file: str):
-        key = (file, self.device)
-        if key not in self.handles:
-            path = self.directory / file
-            try:
-                handle = safe_open(str(path), framework="pt", device=self.device)
-            except (SafetensorError, OSError) as err:
-                raise CheckpointError(f"{path}: cannot read this safetensors shard (truncated or corrupt?): {err}") from None
-            present = set(handle.keys())
-            listed = {n for n, f in self.weight_map.items() if f == file}
-            for name in sorted(listed - present):
-                raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but not in this file")
-            for name in sorted(present - listed):
-                raise CheckpointError(f"{path}: tensor {name!r} is in the file but not in the index")
-            self.handles[key] = handle
-        return self.handles[key]
-
-    def release(self, file: str) -> None:
-        for key in [k for k in self.handles if k[0] == file]:
-            self.handles.pop(key)
-
-    def where(self, name: str) -> Path:
-        return self.directory / self.weight_map[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handle(self.weight_map[name]).get_slice(name).get_shape())
-
-    def read(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None):
-        """The tensor, or rows [r0, r1) / columns [c0, c1) of it."""
-        try:
-            tensor_slice = self.handle(self.weight_map[name]).get_slice(name)
-            if rows is None and cols is None:
-                tensor = tensor_slice[:]
-            elif cols is None:
-                tensor = tensor_slice[rows[0]:rows[1]]
-            else:
-                r0, r1 = rows if rows is not None else (0, tensor_slice.get_shape()[0])
-                tensor = tensor_slice[r0:r1, cols[0]:cols[1]]
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"{self.where(name)}: cannot read tensor {name!r} (truncated or corrupt "
-                                  f"shard?): {err}") from None
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        with torch.device("meta"):
+            linear = FP8Linear(module.in_features, module.out_features, reader.shape(name + SCALE_SUFFIX),
+                               config.fp8_block)
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear)
+    for module_name, scale_shapes in expert_scales.items():
+        experts = model.get_submodule(module_name)
+        num_experts, intermediate, hidden = experts.gate_proj.shape
+        for e in range(num_experts):  # FP8Experts keeps every matrix of the stack in FP8
+            for proj in experts.PROJECTIONS:
+                hub_name = f"{module_name}.{e}.{proj}.weight"
+                if hub_name not in fp8_names:
+                    raise CheckpointError(f"{reader.where(hub_name)}: tensor {hub_name!r} has no {SCALE_SUFFIX}, "
+                                          f"but other experts of {module_name} are FP8: weight_dtype='fp8' keeps "
+                                          "a stack of experts in FP8 only when all of its matrices are")
+        with torch.device("meta"):
+            fp8_experts = FP8Experts(num_experts, hidden, intermediate, scale_shapes, config.fp8_block)
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, fp8_experts)
 
 
 def read_weight(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoConfig, dtype: torch.dtype,
@@ -271,21 +354,21 @@ def read_weight(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoCo
     if config.fp8_block is None:
         raise CheckpointError(f"{where}: tensor {name!r} has a {SCALE_SUFFIX} but config.json has no "
                               "quantization_config.weight_block_size")
-    block_r, block_c = config.fp8_block
+    block_c = config.fp8_block[1]
     r0, r1 = rows if rows is not None else (0, shape[0])
     c0, c1 = cols if cols is not None else (0, shape[1])
-    scale_shape = reader.shape(scale_name)
-    grids = candidate_grids(shape[0], scale_shape[0], block_r, spec.head_size) if len(scale_shape) == 2 else {}
-    if len(grids) == 1 and scale_shape[1] == -(-shape[1] // block_c):
-        kind, row_block = next(iter(grids.items()))  # the shape decides: read only the slice
-        tensor = reader.read(name, rows, cols)
-    else:  # ambiguous or wrong: the full tensor and scale go to choose_grid (amax test or error)
-        tensor, scale = reader.read(name), reader.read(scale_name)
-        try:
-            kind, row_block = choose_grid(tensor, scale, (block_r, block_c), head_size=spec.head_size, name=name)
-        except ValueError as err:
-            raise CheckpointError(f"{reader.where(scale_name)}: {err}") from None
-        tensor = tensor[r0:r1, c0:c1]
+    whole = []  # the full weight, read only when the amax test must break a tie between grids
+
+    def read_whole():
+        whole.append(reader.read(name))
+        return whole[0]
+
+    try:
+        kind, row_block = choose_grid(shape, reader.shape(scale_name), config.fp8_block, head_size=spec.head_size,
+                                      name=name, fp8=read_whole)
+    except ValueError as err:
+        raise CheckpointError(f"{reader.where(scale_name)}: {err}") from None
+    tensor = whole[0][r0:r1, c0:c1] if whole else reader.read(name, rows, cols)
     if tensor.dtype != FP8:
         raise CheckpointError(f"{where}: tensor {name!r} has a {SCALE_SUFFIX} but is stored as "
                               f"{tensor.dtype}, not float8_e4m3fn")
@@ -302,7 +385,8 @@ def read_weight(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoCo
 
 
 def read_fp8(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoConfig, report: LoadReport):
-    """The raw FP8 weight and its float32 scale, checked (shape, dtypes, a grid that explains the scale)."""
+    """The raw FP8 weight, its float32 scale and its row grid `row_block` [rows] (row -> scale row,
+    decided by `fp8.choose_grid`), checked: shape, dtypes, a grid that explains the scale."""
     where = reader.where(name)
     shape = reader.shape(name)
     if shape != spec.shape:
@@ -312,12 +396,13 @@ def read_fp8(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoConfi
         raise CheckpointError(f"{where}: tensor {name!r} must be float8_e4m3fn with a float32 scale, got "
                               f"{fp8.dtype} / {scale.dtype}")
     try:
-        kind, _ = choose_grid(fp8, scale, config.fp8_block, head_size=spec.head_size, name=name)
+        kind, row_block = choose_grid(fp8.shape, scale.shape, config.fp8_block, head_size=spec.head_size, name=name,
+                                      fp8=fp8)
     except ValueError as err:
         raise CheckpointError(f"{reader.where(name + SCALE_SUFFIX)}: {err}") from None
     report.fp8_tensors += 1
     report.grids[kind] = report.grids.get(kind, 0) + 1
-    return fp8, scale
+    return fp8, scale, row_block
 
 
 def _check_names(weight_map: dict[str, str], specs: dict[str, TensorSpec], directory: Path) -> None:
@@ -346,15 +431,3 @@ def _allocate(model: MiMoForCausalLM, specs: dict[str, TensorSpec], dtype: torch
         for name, b in list(module.named_buffers(recurse=False)):
             full = f"{module_name}.{name}" if module_name else name
             module.register_buffer(name, torch.empty(b.shape, dtype=b.dtype, device=device_of(full)))
-
-
-def _resolve_dtype(dtype, config: MiMoConfig) -> torch.dtype:
-    if dtype is None:
-        dtype = config.torch_dtype or "float32"
-    if isinstance(dtype, str):
-        if dtype.removeprefix("torch.") not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype.removeprefix("torch.")]
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype {dtype} not supported; use float32, bfloat16 or float16")
-    return dtype

@@ -20,8 +20,11 @@ How the weights are split over a world of W ranks (DeepSeek-V3-style plain plumb
   2 x 1.25 GB per rank for Flash at the price of a gather per step; replicated keeps `model(ids)`
   returning full logits on every rank with no extra collective.
 
-Reading: every tensor is read with `safe_open(...).get_slice` — only the rank's rows or columns
-leave the disk. An FP8 weight's scale is sliced consistently: the rank reads the scale rows that
+Loading: `checkpoint.load(path, tensor_parallel=True)` is the one loader. This module gives it a
+`ShardPlan` (the rank's shapes, and for every hub tensor the rows and columns the rank reads, or
+nothing), builds the rank's model on the meta device, and makes every rank agree that it read the
+same checkpoint before anything is allocated. `ShardReader.read(name, rows, cols)` then reads
+only the rank's rows or columns from disk. An FP8 weight's scale is sliced consistently: the rank reads the scale rows that
 cover its weight rows, even when its first or last row falls inside a 128-row block (the real
 sliding-layer `k_proj`, 1536 rows over 8 ranks = 192 rows each, cuts blocks in half: the block is
 shared, so both ranks read its scale row).
@@ -31,19 +34,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
-from .checkpoint import (CheckpointError, LoadReport, ShardReader, _allocate, _check_names, _resolve_dtype,
-                         read_index, read_weight)
 from .config import MiMoConfig
-from .hub import tensor_specs
+from .hub import TensorSpec, tensor_specs
 from .model import MiMoForCausalLM
 from .moe import MoE
+from .shards import CheckpointError
+
+T = TypeVar("T")
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -76,14 +80,7 @@ class ExpertParallelMoE(MoE):
         b = x.shape[0]
         tokens = rearrange(x, "b t c -> (b t) c")
         gate_weights, expert_ids = self.gate(tokens)
-        mine = (expert_ids >= self.first) & (expert_ids < self.first + self.experts.gate_proj.shape[0])
-        token, slot = mine.nonzero(as_tuple=True)
-        local_ids = expert_ids[token, slot] - self.first
-        out = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
-        for e in local_ids.unique().tolist():
-            rows = local_ids == e
-            y = self.experts.expert(e, tokens[token[rows]])
-            out.index_add_(0, token[rows], y.float() * gate_weights[token[rows], slot[rows], None])
+        out = self.experts.weighted_sum(tokens, gate_weights, expert_ids - self.first)  # float32; others' add 0
         all_reduce(out)
         return rearrange(out.to(x.dtype), "(b t) c -> b t c", b=b)
 
@@ -156,68 +153,89 @@ def shard_ranges(config: MiMoConfig, rank: int, world: int):
     return ranges
 
 
-def load_tensor_parallel(path: str | Path, *, dtype=None, device=None, progress: bool = False) -> MiMoForCausalLM:
-    """This rank's shard of a hub checkpoint (process group already initialised)."""
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """What rank `rank` of `world` holds: `config` is the whole model's, `ranges` maps every hub
+    tensor to the (rows, cols) this rank reads (None = the whole dimension) or "skip"."""
+
+    rank: int
+    world: int
+    config: MiMoConfig
+    ranges: dict[str, tuple | str]
+
+    @property
+    def first_expert(self) -> int:
+        return self.rank * (self.config.n_routed_experts // self.world)
+
+    def expert_row(self, spec: TensorSpec) -> int | None:
+        """The row of this rank's stacked experts that a hub expert tensor fills (None: not an expert)."""
+        return None if spec.expert is None else spec.expert - self.first_expert
+
+
+def shard_plan(config: MiMoConfig, rank: int | None = None, world: int | None = None) -> ShardPlan:
+    """The plan of `rank` in `world` (default: this process in the initialised process group)."""
+    if rank is None or world is None:
+        require_process_group()
+        rank, world = dist.get_rank(), dist.get_world_size()
+    local_config(config, world)  # raises when the world cannot split the model
+    return ShardPlan(rank, world, config, shard_ranges(config, rank, world))
+
+
+def sharded_model(plan: ShardPlan) -> MiMoForCausalLM:
+    """This rank's model (build it under `torch.device("meta")`): the local shapes, `o_proj` and
+    the dense `down_proj` summing over ranks, the MoE layers running this rank's experts."""
+    config, world = plan.config, plan.world
+    e_local = config.n_routed_experts // world
+    model = MiMoForCausalLM(local_config(config, world))
+    for i, layer in enumerate(model.model.layers):
+        o = layer.self_attn.o_proj
+        layer.self_attn.o_proj = AllReduceLinear(o.in_features, o.out_features, bias=False)
+        if config.is_moe(i):
+            layer.mlp = ExpertParallelMoE(config, plan.first_expert, e_local)
+        else:
+            layer.mlp.down_proj = AllReduceLinear(layer.mlp.down_proj.in_features, config.hidden_size, bias=False)
+    for block in model.model.mtp.layers:
+        o = block.self_attn.o_proj
+        block.self_attn.o_proj = AllReduceLinear(o.in_features, o.out_features, bias=False)
+        block.mlp.down_proj = AllReduceLinear(block.mlp.down_proj.in_features, config.hidden_size, bias=False)
+    return model
+
+
+def same_on_every_rank(read: Callable[[], tuple[T, dict[str, str]]], source: str) -> T:
+    """Run `read` on every rank (it returns what it read and a fingerprint {part: digest}), then
+    compare the fingerprints of all ranks. A rank that failed, or fingerprints that differ, raise
+    the same `CheckpointError` on every rank: no rank goes on to compute with other weights, and
+    none dies later in a collective of mismatched sizes."""
+    require_process_group()
+    try:
+        value, digests = read()
+        mine = {"source": source, "digests": digests, "error": None}
+    except (CheckpointError, ValueError, OSError) as err:
+        value, mine = None, {"source": source, "digests": None, "error": f"{type(err).__name__}: {err}"}
+    everyone: list[dict] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    failed = [f"rank {r} ({e['source']}): {e['error']}" for r, e in enumerate(everyone) if e["error"]]
+    if failed:
+        raise CheckpointError("tensor-parallel load failed on " + "; ".join(failed))
+    parts = [part for part in everyone[0]["digests"] if len({e["digests"][part] for e in everyone}) > 1]
+    if parts:
+        seen = ", ".join(f"rank {r} {e['source']} ({e['digests'][parts[0]]})" for r, e in enumerate(everyone))
+        raise CheckpointError(f"tensor-parallel ranks read different checkpoints: {', '.join(parts)} differ "
+                              f"({parts[0]}: {seen}); every rank must load the same checkpoint")
+    return value
+
+
+def require_process_group() -> None:
     if not dist.is_initialized():
         raise RuntimeError("tensor_parallel=True needs an initialised torch.distributed process group "
                            "(launch with torchrun, or call torch.distributed.init_process_group)")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    directory = Path(path)
-    config = MiMoConfig.from_pretrained(directory)
-    dtype = _resolve_dtype(dtype, config)
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if torch.cuda.is_available() else "cpu"
-    weight_map = read_index(directory)
-    specs = tensor_specs(config)
-    _check_names(weight_map, specs, directory)
-    shard_config = local_config(config, world)
-    ranges = shard_ranges(config, rank, world)
-    e_local = config.n_routed_experts // world
 
-    with torch.device("meta"):
-        model = MiMoForCausalLM(shard_config)
-        for i, layer in enumerate(model.model.layers):
-            o = layer.self_attn.o_proj
-            layer.self_attn.o_proj = AllReduceLinear(o.in_features, o.out_features, bias=False)
-            if config.is_moe(i):
-                layer.mlp = ExpertParallelMoE(config, rank * e_local, e_local)
-            else:
-                layer.mlp.down_proj = AllReduceLinear(layer.mlp.down_proj.in_features, config.hidden_size, bias=False)
-        for block in model.model.mtp.layers:
-            o = block.self_attn.o_proj
-            block.self_attn.o_proj = AllReduceLinear(o.in_features, o.out_features, bias=False)
-            block.mlp.down_proj = AllReduceLinear(block.mlp.down_proj.in_features, config.hidden_size, bias=False)
-    _allocate(model, specs, dtype, lambda name: torch.device(device))
 
-    params = dict(model.named_parameters())
-    reader = ShardReader(directory, weight_map, device)
-    report = LoadReport(directory)
-    filled = set()
-    for name, spec in specs.items():
-        if ranges[name] == "skip":
-            continue
-        rows, cols = ranges[name]
-        tensor = read_weight(reader, name, spec, config, dtype, report, rows=rows, cols=cols)
-        target = params[spec.param]
-        if spec.expert is not None:
-            target = target[spec.expert - rank * e_local]
-        if tensor.shape != target.shape:
-            raise CheckpointError(f"{reader.where(name)}: slice of {name!r} has shape {list(tensor.shape)}, "
-                                  f"rank {rank} expects {list(target.shape)}")
-        with torch.no_grad():
-            target.copy_(tensor)
-        filled.add((spec.param, spec.expert))
-        report.tensors += 1
-    expected = {(s.param, s.expert) for n, s in specs.items() if ranges[n] != "skip"}
-    if filled != expected:
-        raise CheckpointError(f"{directory}: rank {rank} left parameters unfilled: {sorted(expected - filled)[:5]}")
-    report.files = len({weight_map[n] for n in specs if ranges[n] != "skip"})
-    report.mtp_blocks = config.num_mtp_layers
-    report.bytes_read = reader.bytes_read
-    model.load_report = report
-    model.full_config = config
-    model.rank, model.world_size = rank, world
-    return model.eval().requires_grad_(False)
+def rank_device() -> str:
+    """The device a rank computes on by default: its local GPU under torchrun, else the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', dist.get_rank() if dist.is_initialized() else 0))}"
+    return "cpu"
 
 
 def init_from_env(timeout_s: float = 60.0) -> bool:
@@ -233,50 +251,3 @@ def init_from_env(timeout_s: float = 60.0) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return True
-
-
-def held_bytes(model) -> int:
-    """Bytes of parameters this process holds."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-
-
-def _local_worker(rank, world, port, path, input_ids, dtype, new_tokens, out_dir, timeout_s, die_rank):
-    from datetime import timedelta
-
-    from .generate import generate
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
-    try:
-        model = load_tensor_parallel(path, dtype=dtype, device="cpu")
-        if rank == die_rank:
-            os._exit(3)  # a rank that dies: the others must fail cleanly, not hang
-        with torch.no_grad():
-            logits = model(input_ids)
-        ids = generate(model, input_ids, new_tokens) if new_tokens else None
-        torch.save({"logits": logits, "ids": ids, "held_bytes": held_bytes(model),
-                    "bytes_read": model.load_report.bytes_read}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_local(path, input_ids: torch.Tensor, world: int, *, dtype="float32", new_tokens: int = 0,
-              timeout_s: float = 30.0, die_rank: int | None = None) -> list[dict]:
-    """Run `world` CPU processes (gloo on 127.0.0.1), each loading its shard of `path`, and
-    return per rank: logits, greedy ids (`new_tokens`), bytes held and bytes read from disk."""
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_local_worker, args=(world, port, str(path), input_ids, dtype, new_tokens, out_dir, timeout_s,
-                                      -1 if die_rank is None else die_rank), nprocs=world, join=True)
-        return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]

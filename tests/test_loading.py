@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import minimimo
 from minimimo import CheckpointError, MiMoConfig, MiMoForCausalLM
+from minimimo.checkpoint import compute_dtype
 from minimimo.fp8 import dequantize, quantize
 from minimimo.hub import hub_state, is_fp8_stored, save_checkpoint, tensor_specs
 
@@ -67,12 +68,28 @@ def test_exact_round_trip_float32_single_file(tmp_path, tiny_model):
     assert torch.equal(minimimo.load(tmp_path, progress=False).lm_head.weight, tiny_model.lm_head.weight)
 
 
-def test_bf16_default_and_router_stays_fp32(tmp_path, tiny_model):
-    save_checkpoint(tiny_model, tmp_path, dtype=torch.bfloat16)
-    loaded = minimimo.load(tmp_path, progress=False)
+def test_float32_on_a_cpu_bf16_on_request_and_router_stays_fp32(tmp_path, tiny_model):
+    save_checkpoint(tiny_model, tmp_path, dtype=torch.bfloat16)  # config.json says torch_dtype bfloat16
+    assert minimimo.load(tmp_path, progress=False).dtype == torch.float32  # a CPU computes in float32
+    loaded = minimimo.load(tmp_path, dtype="bf16", progress=False)
     assert loaded.dtype == torch.bfloat16
     assert loaded.model.layers[2].mlp.gate.weight.dtype == torch.float32
     assert loaded.model.layers[2].mlp.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_default_compute_dtype_follows_the_device():
+    config = MiMoConfig.tiny(torch_dtype="bfloat16")
+    assert compute_dtype(None, config, [torch.device("cpu")]) == torch.float32
+    assert compute_dtype(None, config, [torch.device("cuda", 0)]) == torch.bfloat16  # the config's, on CUDA
+    assert compute_dtype("bfloat16", config, [torch.device("cpu")]) == torch.bfloat16
+    assert compute_dtype(None, config, [torch.device("cpu")], keep_fp8=True) == torch.bfloat16
+    with pytest.raises(ValueError, match="storage dtype"):
+        compute_dtype("fp8", config, [torch.device("cpu")])
+
+
+def test_dtype_and_weight_dtype_do_not_overlap(saved):
+    with pytest.raises(ValueError, match=r"weight_dtype 'bf16'.*pass dtype='bf16'"):
+        minimimo.load(saved[1], weight_dtype="bf16", progress=False)
 
 
 def test_partial_mtp_block_is_a_missing_tensor_error(ckpt):
@@ -95,6 +112,7 @@ def test_mtp_blocks_round_trip_and_a_checkpoint_without_them_loads(tmp_path, sav
 
 def test_missing_tensor(ckpt):
     edit_index(ckpt, lambda m: m.pop("model.layers.3.mlp.experts.5.up_proj.weight"))
+    edit_shard(ckpt, "model_3_linear_fc1.safetensors", lambda t: t.pop("model.layers.3.mlp.experts.5.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"'model.layers.3.mlp.experts.5.up_proj.weight' is missing"):
         minimimo.load(ckpt, progress=False)
 

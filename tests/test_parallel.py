@@ -1,5 +1,6 @@
 """Tensor and expert parallelism on the CPU: gloo process groups on 127.0.0.1, world sizes 1, 2, 4."""
 
+import shutil
 import time
 
 import pytest
@@ -9,9 +10,10 @@ import torch.multiprocessing as mp
 import minimimo
 from minimimo import MiMoConfig, MiMoForCausalLM
 from minimimo.hub import save_checkpoint, tensor_specs
-from minimimo.parallel import head_shard, local_config, run_local, shard_ranges
+from minimimo.parallel import head_shard, local_config, shard_ranges
+from helpers import run_local
 
-pytestmark = pytest.mark.slow
+# gloo process groups on one CPU: a few seconds each, part of every CI run
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,35 @@ def test_a_rank_that_dies_makes_the_others_fail_fast(fp8_checkpoint, reference):
     with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
         run_local(fp8_checkpoint, ids, 2, timeout_s=15, die_rank=1)
     assert time.perf_counter() - start < 90
+
+
+@pytest.mark.parametrize("other", ["weights", "sizes"])
+def test_ranks_that_read_different_checkpoints_all_fail_with_one_error(fp8_checkpoint, reference, tmp_path, other):
+    """Rank 1 reads another checkpoint: of the same shapes (other weights), or of other sizes.
+    Every rank raises the same CheckpointError at load; none computes, none dies in a collective."""
+    _, ids, _, _ = reference
+    config = MiMoConfig.tiny(num_key_value_heads=1, swa_num_key_value_heads=2, num_mtp_layers=3)
+    if other == "sizes":
+        config = config.replace(intermediate_size=256)
+    seed = 1 if other == "weights" else 0
+    elsewhere = save_checkpoint(MiMoForCausalLM(config).init_weights(seed), tmp_path / "other", dtype=torch.bfloat16,
+                                fp8_block=16)
+    ranks = run_local([fp8_checkpoint, elsewhere], ids, 2)
+    errors = [r["error"] for r in ranks]
+    assert errors[0] is not None and errors[0] == errors[1]
+    assert "tensor-parallel ranks read different checkpoints" in errors[0]
+    differ = "shard data" if other == "weights" else "config.json"
+    assert differ in errors[0] and str(elsewhere) in errors[0] and str(fp8_checkpoint) in errors[0]
+    if other == "weights":
+        assert "config.json" not in errors[0].split(" differ")[0]  # the configs are equal: only the data differs
+
+
+def test_a_rank_whose_checkpoint_is_broken_fails_every_rank(fp8_checkpoint, reference, tmp_path):
+    _, ids, _, _ = reference
+    broken = shutil.copytree(fp8_checkpoint, tmp_path / "broken")
+    (broken / "model_final.safetensors").unlink()
+    errors = [r["error"] for r in run_local([fp8_checkpoint, broken], ids, 2)]
+    assert errors[0] == errors[1] and "rank 1" in errors[0] and "model_final.safetensors" in errors[0]
 
 
 def test_world_sizes_that_cannot_split_raise():

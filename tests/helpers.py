@@ -1,0 +1,62 @@
+"""Test machinery that does not belong in the package: several gloo ranks on one CPU, and a
+byte count of what a model holds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def held_bytes(model) -> int:
+    """Bytes of parameters this process holds."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _local_worker(rank, world, port, paths, input_ids, dtype, new_tokens, out_dir, timeout_s, die_rank):
+    from datetime import timedelta
+
+    import minimimo
+    from minimimo import CheckpointError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        try:
+            model = minimimo.load(paths[rank], dtype=dtype, tensor_parallel=True, progress=False)
+        except CheckpointError as err:  # recorded: the test checks that every rank says the same
+            torch.save({"error": str(err)}, Path(out_dir) / f"rank{rank}.pt")
+            return
+        if rank == die_rank:
+            os._exit(3)  # a rank that dies: the others must fail cleanly, not hang
+        with torch.no_grad():
+            logits = model(input_ids)
+        ids = minimimo.generate(model, input_ids, new_tokens) if new_tokens else None
+        torch.save({"logits": logits, "ids": ids, "held_bytes": held_bytes(model), "error": None,
+                    "bytes_read": model.load_report.bytes_read}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local(path, input_ids: torch.Tensor, world: int, *, dtype="float32", new_tokens: int = 0,
+              timeout_s: float = 30.0, die_rank: int | None = None) -> list[dict]:
+    """Run `world` CPU processes (gloo on 127.0.0.1), each loading its shard of `path` (or of
+    `path[rank]` when given a list), and return per rank: logits, greedy ids (`new_tokens`),
+    bytes held and bytes read from disk, or the `CheckpointError` message of a failed load."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)] * world
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_local_worker, args=(world, port, paths, input_ids, dtype, new_tokens, out_dir, timeout_s,
+                                      -1 if die_rank is None else die_rank), nprocs=world, join=True)
+        return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
