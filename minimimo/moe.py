@@ -96,13 +96,24 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [n, c], gate_weights / expert_ids [n, k] -> [n, c]."""
+        return self.weighted_sum(x, gate_weights, expert_ids).to(x.dtype)
+
+    def weighted_sum(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """sum over k of gate_weights[:, k] * expert_{expert_ids[:, k]}(x), in float32 [n, c].
+
+        A pair whose id is outside [0, e) names an expert this stack does not hold and adds nothing:
+        under expert parallelism each rank holds a run of the experts, passes ids shifted to its
+        first one, and the ranks' partial sums add up to the whole (`parallel.py`)."""
         n, k = expert_ids.shape
+        num_experts = self.gate_proj.shape[0]
         flat_ids = rearrange(expert_ids, "n k -> (n k)")
+        flat_ids = flat_ids.where((flat_ids >= 0) & (flat_ids < num_experts), num_experts)  # not held: last
         order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
-        token_of_pair = order // k
-        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
+        counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
+        held = int(counts.sum())
+        order = order[:held]
         starts, sizes = (counts.cumsum(0) - counts).tolist(), counts.tolist()
-        x_sorted = x[token_of_pair]
+        x_sorted = x[order // k]  # the token of each held pair
         if self.grouped_mm_ok(x):  # one kernel call per projection over the contiguous groups
             offsets = counts.cumsum(0).to(torch.int32)
             gate = F.grouped_mm(x_sorted, self.gate_proj.mT, offs=offsets)
@@ -113,9 +124,9 @@ class Experts(nn.Module):
             for e in counts.nonzero().flatten().tolist():  # only experts that received tokens
                 rows = slice(starts[e], starts[e] + sizes[e])
                 out_sorted[rows] = self.expert(e, x_sorted[rows])
-        out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)  # back to (n k) order
+        out = x.new_zeros(n * k, x.shape[1]).index_copy_(0, order, out_sorted)  # back to (n k) order
         weighted = rearrange(out, "(n k) c -> n k c", k=k).float() * gate_weights[..., None]
-        return weighted.sum(dim=1).to(x.dtype)
+        return weighted.sum(dim=1)
 
 
 class MoE(nn.Module):

@@ -131,3 +131,25 @@ def test_fp8_experts_equal_experts_with_the_dequantized_weights(dtype):
     gate_weights = torch.rand(10, 2).softmax(-1)
     expert_ids = torch.stack([torch.arange(10) % num_experts, (torch.arange(10) + 1) % num_experts], dim=1)
     assert torch.equal(fp8_experts(x, gate_weights, expert_ids), plain(x, gate_weights, expert_ids))
+
+
+def test_expert_stacks_holding_part_of_the_experts_give_partial_sums():
+    # expert parallelism: a rank holds experts [first, first + local) and passes ids shifted by `first`;
+    # the pairs of other ranks' experts add nothing, so the ranks' partial sums add up to the whole
+    torch.manual_seed(1)
+    block, hidden, inter = (16, 16), 32, 24
+    scale_shapes = {"gate_proj": (2, 2), "up_proj": (2, 2), "down_proj": (2, 2)}
+    whole = FP8Experts(4, hidden, inter, scale_shapes, block)
+    halves = [FP8Experts(2, hidden, inter, scale_shapes, block) for _ in range(2)]
+    for name in whole.PROJECTIONS:
+        fp8, scale = zip(*(quantize(torch.randn(getattr(whole, name).shape[1:]), block) for _ in range(4)))
+        for stack, first in ((whole, 0), (halves[0], 0), (halves[1], 2)):
+            getattr(stack, name).copy_(torch.stack(fp8)[first:first + len(stack.gate_proj)])
+            getattr(stack, name + "_scale_inv").copy_(torch.stack(scale)[first:first + len(stack.gate_proj)])
+            getattr(stack, name + "_row_block").copy_(choose_grid(fp8[0].shape, scale[0].shape, block)[1])
+    x = torch.randn(9, hidden)
+    gate_weights = torch.rand(9, 2)
+    expert_ids = torch.stack([torch.arange(9) % 4, (torch.arange(9) + 3) % 4], dim=1)
+    partial = [half.weighted_sum(x, gate_weights, expert_ids - first) for half, first in zip(halves, (0, 2))]
+    assert torch.equal(partial[0] + partial[1], whole.weighted_sum(x, gate_weights, expert_ids))  # k = 2: exact
+    assert (partial[0][expert_ids.ge(2).all(1)] == 0).all()  # tokens routed only to the other half
