@@ -57,6 +57,10 @@ class MiMoModel(nn.Module):
 class MiMoForCausalLM(nn.Module):
     """The complete main model. `model(input_ids)` -> logits [batch, seq, vocab]."""
 
+    # attached by `minimimo.load` (None on a model built here): what was read, and the memory plan when placed
+    load_report: checkpoint.LoadReport | None = None  # noqa: F821 (never evaluated: model.py imports no loader)
+    plan: plan.Plan | None = None  # noqa: F821
+
     def __init__(self, config: MiMoConfig):
         super().__init__()
         self.config = config
