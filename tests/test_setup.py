@@ -139,3 +139,20 @@ def test_setup_keeps_an_installed_torch_of_the_wanted_build():
     assert result.returncode == 0, result.stderr
     assert f"torch 2.13.0 ({build} build) is installed already" in result.stdout
     assert "install torch==" not in result.stdout
+
+
+def test_the_loaders_progress_bar_is_a_widget_in_a_notebook():
+    """tqdm.auto draws a widget in a notebook when ipywidgets is installed (the notebooks extra), and
+    warns "IProgress not found" without it; in a terminal it stays text."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    assert any(d.startswith("ipywidgets") for d in
+               tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["notebooks"])
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import warnings\nwarnings.simplefilter('always')\nimport minimimo\n"
+        "model = minimimo.load(minimimo.default_checkpoint())")])
+    NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
+    outputs = notebook.cells[0].outputs
+    assert not any("IProgress" in output.get("text", "") for output in outputs), outputs
+    assert any("application/vnd.jupyter.widget-view+json" in output.get("data", {}) for output in outputs), outputs
