@@ -200,7 +200,7 @@ class FP8Experts(Experts):
     and no heads, so `choose_grid` gives them all the uniform grid).
 
     Only `expert_weights` differs from `Experts`: expert e's matrices are dequantized for the call
-    and dropped after it; the sorted dispatch over the experts is `Experts.forward`."""
+    and dropped after it; the sorted dispatch over the experts is `Experts.weighted_sum`."""
 
     use_grouped_mm = False  # the matrices exist in high precision only one expert at a time
 
