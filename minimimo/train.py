@@ -327,7 +327,12 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     distribution at q + k + 1 (KL divergence) instead of the corpus token. Greedy drafting is
     judged by agreement with the main model, so this is the target that raises the acceptance
     length (self-distillation, as EAGLE-style drafters do). `agree` is the fraction of positions
-    where block k's argmax equals the main model's."""
+    where block k's argmax equals the main model's.
+
+    When drafting, block k's token input is the main model's own greedy choice (or the previous
+    block's draft), not corpus text; so a fraction `distill_self` of every batch is text the main
+    model wrote itself: a pool of greedy continuations of corpus prompts, generated once."""
+    from .generate import generate
     from .tokenizer import Tokenizer
 
     start = time.perf_counter()
@@ -343,25 +348,39 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     optimizer = torch.optim.AdamW(mtp_params, lr=args.distill_lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed + 1)
     history, first_step, elapsed = [], 0, 0.0
+    steps, seq, batch = args.distill_steps, args.seq, args.distill_batch
+    n_self = round(batch * args.distill_self)
     state = saver.load("distill") if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
-        history, first_step, elapsed = state["history"], state["step"], state["seconds"]
+        history, first_step, elapsed, pool = state["history"], state["step"], state["seconds"], state["pool"]
         log(f"resumed phase 2 at step {first_step}")
+    elif n_self:
+        model.eval()
+        pool_gen, prompt_len, rows = torch.Generator().manual_seed(args.seed + 2), seq // 4, []
+        for _ in range(0, args.distill_pool, 32):
+            rows.append(generate(model, random_batch(data, 32, prompt_len, pool_gen), seq - prompt_len))
+        pool = torch.cat(rows)[:args.distill_pool]
+        model.train()
+        log(f"self-written pool: {len(pool)} greedy continuations of {seq - prompt_len} tokens after "
+            f"{prompt_len}-token corpus prompts, {(time.perf_counter() - start) / 60:.1f} min")
+    else:
+        pool = None
 
     def snapshot(step):
         return {"phase": "distill", "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": gen.get_state(), "history": history, "seconds": elapsed + time.perf_counter() - start,
-                "summary": args.summary}
+                "summary": args.summary, "pool": pool}
 
-    steps, seq, batch = args.distill_steps, args.seq, args.distill_batch
     warmup = max(1, steps // 50)
     for step in range(first_step, steps):
         for group in optimizer.param_groups:
             group["lr"] = args.distill_lr * lr_factor(step, steps, warmup)
-        tokens = random_batch(data, batch, seq, gen)
+        tokens = random_batch(data, batch - n_self, seq, gen)
+        if n_self:
+            tokens = torch.cat([tokens, pool[torch.randint(0, len(pool), (n_self,), generator=gen)]])
         with torch.no_grad():
             h_last = model.trunk(tokens)[-1]
             teacher = model.logits(h_last).log_softmax(-1)  # [b, t, V]: main's next-token distribution
@@ -385,7 +404,8 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
         saver.maybe_save(lambda: snapshot(step + 1))
     model.eval()
     summary = {"distill_args": {"steps": steps, "lr": args.distill_lr, "batch": batch, "seq": seq,
-                                "seed": args.seed},
+                                "seed": args.seed, "self_written_rows_per_batch": n_self,
+                                "self_written_pool": 0 if pool is None else len(pool)},
                "distill_history": history, "minutes_phase2": round((elapsed + time.perf_counter() - start) / 60, 1)}
     return model, summary
 
@@ -427,6 +447,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-steps", type=int, default=1500, help="phase 2: MTP self-distillation steps (0: skip)")
     p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=16)
+    p.add_argument("--distill-self", type=float, default=0.5,
+                   help="fraction of each phase-2 batch taken from the main model's own greedy text")
+    p.add_argument("--distill-pool", type=int, default=1024, help="greedy continuations in that pool")
     return p
 
 
