@@ -82,8 +82,9 @@ def load_model(directory: Path, args):
         if dist.get_rank() != 0:
             sys.stdout = sys.stderr = open(os.devnull, "w")  # every rank computes, rank 0 speaks
         return load(directory, dtype=args.dtype, tensor_parallel=True, progress=False)
-    return load(directory, dtype=None if args.weight_dtype == "fp8" else args.dtype,
-                devices=args.devices, weight_dtype=args.weight_dtype)
+    kept = "fp8" if args.weight_dtype == "fp8" else None  # --weight-dtype bf16/fp32: dequantized into that dtype
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(args.weight_dtype, None if kept else args.dtype)
+    return load(directory, dtype=dtype, devices=args.devices, weight_dtype=kept)
 
 
 def load_with_tokenizer(args):

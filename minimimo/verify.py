@@ -11,7 +11,10 @@ minimimo, and the report says when they apply:
 * transformers ignores several hub keys (layer pattern, `swa_*`, thetas, rotary factor, epsilon)
   and uses built-in values; a checkpoint whose config departs from them is not comparable;
 * transformers' own FP8 dequantization infers a uniform block height (rows // scale rows), which
-  is wrong for the per-head grid of the released global-layer `k_proj` (SPEC.md §2.4).
+  is wrong for the per-head grid of the released global-layer `k_proj`: its 768 rows are 4 heads
+  of 192, each quantized as a block of 128 rows and one of 64, hence a `weight_scale_inv` of 8
+  rows (as the checkpoint's safetensors headers show) where uniform 128-row blocks would need 6,
+  and transformers reads 768 / 8 = 96-row blocks.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def official_rule_warnings(config: MiMoConfig) -> list[str]:
 
 
 def verify(path, *, dtype="float32", devices=None, weight_dtype=None, tokens: int = 32) -> VerifyReport:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -74,8 +79,9 @@ def verify(path, *, dtype="float32", devices=None, weight_dtype=None, tokens: in
                          "(or the test extra: pip install -e '.[test]')") from None
     directory = Path(path)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[str(dtype).removeprefix("torch.")]
-    ours = load(directory, dtype=None if weight_dtype == "fp8" else torch_dtype, devices=devices,
-                weight_dtype=weight_dtype, progress=False)
+    kept = "fp8" if weight_dtype == "fp8" else None  # weight_dtype bf16/fp32: dequantized into that dtype
+    ours_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(weight_dtype, None if kept else torch_dtype)
+    ours = load(directory, dtype=ours_dtype, devices=devices, weight_dtype=kept, progress=False)
     config = ours.config
     warnings = official_rule_warnings(config)
     if ours.load_report.grids.get("per-head"):
@@ -100,12 +106,18 @@ def verify(path, *, dtype="float32", devices=None, weight_dtype=None, tokens: in
 
 
 def fixed_prompt(directory: Path, config: MiMoConfig, tokens: int) -> torch.Tensor:
-    """The same prompt every time: text through the checkpoint's tokenizer, else fixed ids."""
+    """The same `tokens` ids every time: code through the checkpoint's tokenizer, else fixed ids."""
+    if tokens > config.max_position_embeddings:
+        raise ValueError(f"tokens={tokens} is more than the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
     if (directory / "tokenizer.json").is_file():
         from .tokenizer import Tokenizer
 
-        text = "def fibonacci(n):\n    # the n-th Fibonacci number\n    a, b = 0, 1\n    for _ in range(n):\n" * 8
-        ids = Tokenizer.from_pretrained(directory).encode(text)[:tokens]
+        line = "def fibonacci(n):\n    # the n-th Fibonacci number\n    a, b = 0, 1\n    for _ in range(n):\n"
+        tokenizer, ids = Tokenizer.from_pretrained(directory), []
+        while len(ids) < tokens:
+            ids += tokenizer.encode(line)
+        ids = ids[:tokens]
     else:
         ids = [(7 * i + 3) % config.vocab_size for i in range(tokens)]
     return torch.tensor([ids])
