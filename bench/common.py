@@ -18,6 +18,24 @@ from minimimo.hub import save_checkpoint
 from minimimo.verify import official_rule_warnings
 
 
+# The benchmark model of bench/forward.py and bench/prefill.py (hidden 512, 8 layers, 16 experts).
+# The official transformers model ignores hybrid_layer_pattern, swa_* keys, thetas, the rotary
+# factor and eps and hard-codes them: layer i is global iff i == 0 or (i + 1) % 6 == 0, layer 0 is
+# dense, swa kv heads = 2 * num_key_value_heads, swa q heads = num_attention_heads, same head dims,
+# thetas 5e6 / 1e4, factor 0.334, eps 1e-5. The config below satisfies all of it (MiMoConfig.tiny
+# already uses Flash's layer rule and those thetas/factor/eps).
+MEDIUM = dict(
+    num_hidden_layers=8, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, vocab_size=4096,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=96, v_head_dim=64,  # int(96 * 0.334) = 32 rotary
+    swa_num_attention_heads=8, swa_num_key_value_heads=4, swa_head_dim=96, swa_v_head_dim=64,
+    sliding_window_size=128,
+    # 16 experts, top-2: 1/8 of the experts per token. Flash is 8/256 = 1/32; top-4 would be 1/4.
+    # top-2 is the nearer fraction and gives ~64 tokens per expert at 512 tokens (Flash: ~16).
+    n_routed_experts=16, num_experts_per_tok=2,
+    max_position_embeddings=4096,
+)
+
+
 def check_official_rules(c: MiMoConfig) -> None:
     """Fail early if the config says something the transformers model would silently not do."""
     problems = official_rule_warnings(c)
@@ -64,15 +82,23 @@ def header(args, busy_hint: str) -> None:
 def official_and_ours(config: MiMoConfig, layout: str = "hub"):
     """Random weights written once (float32); loaded by minimimo and by transformers, which must
     report no loading problem. -> (minimimo model, transformers model)."""
+    with tempfile.TemporaryDirectory(prefix="minimimo-bench-") as tmp:
+        write_checkpoint(config, tmp, layout)
+        return minimimo.load(tmp, dtype=torch.float32, progress=False), load_transformers(tmp)
+
+
+def write_checkpoint(config: MiMoConfig, path, layout: str = "hub") -> None:
+    """The random benchmark weights (seed 0), saved in float32 in the hub's layout."""
+    save_checkpoint(MiMoForCausalLM(config).init_weights(seed=0), path, dtype=torch.float32, layout=layout)
+
+
+def load_transformers(path):
+    """The official model (eager attention, float32), failing on any loading problem it reports."""
     from transformers import AutoModelForCausalLM
 
-    with tempfile.TemporaryDirectory(prefix="minimimo-bench-") as tmp:
-        save_checkpoint(MiMoForCausalLM(config).init_weights(seed=0), tmp, dtype=torch.float32, layout=layout)
-        ours = minimimo.load(tmp, dtype=torch.float32, progress=False)
-        with contextlib.redirect_stderr(io.StringIO()):
-            theirs, info = AutoModelForCausalLM.from_pretrained(
-                tmp, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
-        theirs.eval()
+    with contextlib.redirect_stderr(io.StringIO()):
+        theirs, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     assert not problems, f"transformers reported loading problems: {problems}"
-    return ours, theirs
+    return theirs.eval()

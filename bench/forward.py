@@ -29,27 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import minimimo  # noqa: E402
-from common import check_official_rules, official_and_ours, fmt_ms, header, load_average, timed  # noqa: E402
+from common import MEDIUM, check_official_rules, official_and_ours, fmt_ms, header, load_average, timed  # noqa: E402
 from minimimo import MiMoConfig  # noqa: E402
 from minimimo.moe import MoE  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- configs
 
-# The official transformers model ignores hybrid_layer_pattern, swa_* keys, thetas, the rotary
-# factor and eps and hard-codes them: layer i is global iff i == 0 or (i + 1) % 6 == 0, layer 0 is
-# dense, swa kv heads = 2 * num_key_value_heads, swa q heads = num_attention_heads, same head dims,
-# thetas 5e6 / 1e4, factor 0.334, eps 1e-5. The config below satisfies all of it (MiMoConfig.tiny
-# already uses Flash's layer rule and those thetas/factor/eps).
-MEDIUM = dict(
-    num_hidden_layers=8, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, vocab_size=4096,
-    num_attention_heads=8, num_key_value_heads=2, head_dim=96, v_head_dim=64,  # int(96 * 0.334) = 32 rotary
-    swa_num_attention_heads=8, swa_num_key_value_heads=4, swa_head_dim=96, swa_v_head_dim=64,
-    sliding_window_size=128,
-    # 16 experts, top-2: 1/8 of the experts per token. Flash is 8/256 = 1/32; top-4 would be 1/4.
-    # top-2 is the nearer fraction and gives ~64 tokens per expert at 512 tokens (Flash: ~16).
-    n_routed_experts=16, num_experts_per_tok=2,
-    max_position_embeddings=4096,
-)
 # A Flash-shaped router (256 experts, top-8) with a narrow hidden size, for the dispatch benchmark.
 FLASH_ROUTER = dict(hidden_size=512, n_routed_experts=256, num_experts_per_tok=8, moe_intermediate_size=128)
 
