@@ -60,3 +60,25 @@ def run_local(path, input_ids: torch.Tensor, world: int, *, dtype="float32", new
         mp.spawn(_local_worker, args=(world, port, paths, input_ids, dtype, new_tokens, out_dir, timeout_s,
                                       -1 if die_rank is None else die_rank), nprocs=world, join=True)
         return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
+
+
+def demo_checkpoint(directory: Path) -> Path:
+    """A small random MiMo written in the official hub layout with block-FP8 weights (16 x 16),
+    bf16 norms and `o_proj`, a float32 router, and a byte-level BPE tokenizer trained on a few
+    standard-library modules: its text is noise; its loading and generation paths are the real ones."""
+    import inspect
+    import json
+    import textwrap
+
+    from minimimo import MiMoConfig, MiMoForCausalLM
+    from minimimo.hub import save_checkpoint
+    from minimimo.tokenizer import save_tokenizer, train_bpe_tokenizer
+
+    directory = Path(directory)
+    if (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file():
+        return directory
+    tokenizer = train_bpe_tokenizer([inspect.getsource(m) for m in (json, textwrap, inspect)], vocab_size=512)
+    model = MiMoForCausalLM(MiMoConfig.tiny(vocab_size=tokenizer.get_vocab_size())).init_weights(seed=0)
+    save_checkpoint(model, directory, dtype=torch.bfloat16, fp8_block=16, layout="hub")
+    save_tokenizer(tokenizer, directory)
+    return directory

@@ -46,9 +46,9 @@ def test_demo_is_the_main_job(capsys, threads):
 
 
 def test_demo_on_the_random_fp8_checkpoint_the_package_writes(home, capsys, threads):
-    from minimimo.defaults import demo_checkpoint
+    from helpers import demo_checkpoint
 
-    folder = demo_checkpoint()  # the stand-in used when no bundled checkpoint is installed
+    folder = demo_checkpoint(home / "demo-random")  # a random FP8 stand-in in the release's layout
     assert (folder / "model_1_linear_fc1.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     assert main(["demo", "--model", str(folder)]) == 0
     assert "grids {'uniform'" in capsys.readouterr().out
