@@ -104,9 +104,24 @@ def test_fp8_linear_computes_with_the_grid_it_holds(dtype, quantized_per_head):
     dense = apply_scales(linear.weight, linear.weight_scale_inv, grid, 32, dtype)
     x = torch.randn(2, 5, 64).to(dtype)  # batch 2
     assert torch.equal(linear(x), F.linear(x, dense))
-    # strips of 32 rows give the same rows (each output row is its own dot product)
-    linear.strip_rows = 32
-    torch.testing.assert_close(linear(x), F.linear(x, dense), rtol=0, atol=0)
+    linear.strip_rows = 32  # strips of 32 rows: the same outputs (a matmul of other width may round apart)
+    torch.testing.assert_close(linear(x), F.linear(x, dense))
+
+
+def test_a_row_slice_of_an_fp8_linear_carries_its_slice_of_the_grid():
+    # what a tensor-parallel rank would hold: rows [r0, r1) of the weight, the scale rows they use, and
+    # the same rows of row_block, shifted to the first scale row kept
+    full = filled_fp8_linear(torch.randn(48, 64), (16, 16), head_size=24)  # per-head grid: 4 scale rows
+    assert full.weight_row_block.tolist() == [0] * 16 + [1] * 8 + [2] * 16 + [3] * 8
+    r0, r1 = 24, 48  # the second head
+    rows = full.weight_row_block[r0:r1]
+    s0, s1 = int(rows.min()), int(rows.max()) + 1
+    part = FP8Linear(64, r1 - r0, (s1 - s0, 4), (16, 16))
+    for buffer, value in (("weight", full.weight[r0:r1]), ("weight_scale_inv", full.weight_scale_inv[s0:s1]),
+                          ("weight_row_block", rows - s0)):
+        getattr(part, buffer).copy_(value)
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(part(x), full(x)[..., r0:r1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
