@@ -4,9 +4,12 @@
     model = minimimo.load(path)                                                # float32 on a CPU
     model = minimimo.load(path, weight_dtype="fp8", devices=["cuda:0", "cuda:1"])
     model = minimimo.load(path, tensor_parallel=True)                          # this rank's shard
+    model = minimimo.load("XiaomiMiMo/MiMo-V2-Flash")                          # a hub id (huggingface_hub)
 
 `load` runs these steps, each a function below:
 
+0. **resolve** (`resolve`): a folder is used as it is; a hub id `org/name` is downloaded once by
+   `huggingface_hub` into its cache (then read from there; offline, from the cache only).
 1. **open** (`open_checkpoint`): `config.json` -> MiMoConfig (a key that shapes the computation
    must be present); `model.safetensors.index.json` -> where every tensor lives (a folder with a
    single `model.safetensors` works too); every shard's safetensors header (`shards.py`). Files
@@ -94,7 +97,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, weight_dty
         of tokens before anything is allocated.
     tensor_parallel: under an initialised process group, load this rank's shard (`parallel.py`).
     """
-    directory = Path(path)
+    directory = resolve(path)
     if weight_dtype not in (None, "fp8"):
         raise ValueError(f"weight_dtype {weight_dtype!r}: use 'fp8' to keep the FP8 tensors in FP8, or None to "
                          f"dequantize them into dtype (the compute dtype: pass dtype={weight_dtype!r} for that)")
@@ -133,6 +136,30 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, weight_dty
     model.load_report = report
     model.plan = memory_plan  # the checked memory plan when placed over devices, else None
     return model.eval().requires_grad_(False)
+
+
+def resolve(path: str | Path) -> Path:
+    """Step 0: the checkpoint folder of `path`: an existing folder, or a hub id "org/name" that
+    `huggingface_hub.snapshot_download` fetches once into its cache (the config, index, shards and
+    tokenizer files only) and finds there afterwards, also offline (`HF_HUB_OFFLINE=1`, or no network)."""
+    folder = Path(path)
+    text = str(path)
+    if folder.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or "\\" in text:
+        return folder  # a local path (a missing one fails in open_checkpoint, by name)
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise FileNotFoundError(f"{text!r} is not a folder; to read it as a hub id install huggingface_hub "
+                                "(pip install huggingface_hub)") from None
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+    try:
+        return Path(huggingface_hub.snapshot_download(text, allow_patterns=patterns,
+                                                      local_files_only=constants.HF_HUB_OFFLINE))
+    except Exception as err:  # no network and no cached copy, an unknown repository, no access
+        where = "in the local cache (offline)" if constants.HF_HUB_OFFLINE else "on the hub or in the local cache"
+        raise FileNotFoundError(f"{text!r} is neither a folder nor a checkpoint found {where}: "
+                                f"{type(err).__name__}: {err}") from None
 
 
 def compute_dtype(dtype, config: MiMoConfig, devices: list[torch.device], keep_fp8: bool = False) -> torch.dtype:

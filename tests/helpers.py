@@ -82,3 +82,23 @@ def demo_checkpoint(directory: Path) -> Path:
     save_checkpoint(model, directory, dtype=torch.bfloat16, fp8_block=16, layout="hub")
     save_tokenizer(tokenizer, directory)
     return directory
+
+
+def hub_cache(checkpoint: Path, cache: Path, repo_id: str = "org/tiny-mimo") -> Path:
+    """Lay `checkpoint`'s files out as huggingface_hub's cache does and return the snapshot folder:
+    `models--org--name/refs/main` (the revision), `blobs/<hash>` (the contents) and
+    `snapshots/<revision>/<file> -> ../../blobs/<hash>` (relative symbolic links)."""
+    import hashlib
+    import shutil
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    revision = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    for folder in (repo / "blobs", repo / "refs", snapshot):
+        folder.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    for file in sorted(Path(checkpoint).iterdir()):
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, repo / "blobs" / blob)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob}")
+    return snapshot

@@ -17,6 +17,7 @@ import minimimo
 import minimimo.checkpoint
 from minimimo import CheckpointError, MiMoConfig, MiMoForCausalLM
 from minimimo.hub import save_checkpoint
+from helpers import hub_cache
 
 INDEX = "model.safetensors.index.json"
 
@@ -96,20 +97,35 @@ def test_a_shard_that_links_outside_the_folder_is_refused(ckpt, tmp_path):
 
 def test_a_huggingface_hub_cache_snapshot_loads(saved, tmp_path):
     """The layout huggingface_hub writes: snapshots/<revision>/<file> -> ../../blobs/<sha256>."""
-    repo = tmp_path / "hub" / "models--org--tiny-mimo"
-    (repo / "blobs").mkdir(parents=True)
-    snapshot = repo / "snapshots" / ("ab" * 20)
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("ab" * 20)
-    for i, file in enumerate(sorted(saved.iterdir())):
-        blob = f"{i:064x}"
-        shutil.copy(file, repo / "blobs" / blob)
-        os.symlink(f"../../blobs/{blob}", snapshot / file.name)
+    snapshot = hub_cache(saved, tmp_path / "hub")
+    assert (snapshot / "config.json").is_symlink()
     loaded = minimimo.load(snapshot, progress=False)
     reference = minimimo.load(saved, progress=False)
     for (name, a), (_, b) in zip(reference.named_parameters(), loaded.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_hub_id_loads_offline_from_the_huggingface_hub_cache(saved, tmp_path):
+    """`load("org/name")` goes through huggingface_hub: offline, the cached snapshot is read."""
+    pytest.importorskip("huggingface_hub")
+    hub_cache(saved, tmp_path / "hub", "org/tiny-mimo")
+    script = textwrap.dedent("""
+        import minimimo
+        model = minimimo.load("org/tiny-mimo", progress=False)
+        print(model.load_report.directory.name, model.load_report.tensors, float(model.lm_head.weight.double().sum()))
+        try:
+            minimimo.load("org/not-cached", progress=False)
+        except FileNotFoundError as err:
+            print(err)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    reference = minimimo.load(saved, progress=False)
+    first, second = run.stdout.splitlines()[:2]
+    revision = first.split()[0]
+    assert first == f"{revision} {reference.load_report.tensors} {float(reference.lm_head.weight.double().sum())}"
+    assert second.startswith("'org/not-cached' is neither a folder nor a checkpoint found in the local cache (offline)")
 
 
 # ------------------------------------------------------------------ configs that ask for too much
