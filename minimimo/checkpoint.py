@@ -119,19 +119,20 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, weight_dty
     targets = [torch.device(d) for d in (devices or [device or "cpu"])]
     dtype = compute_dtype(dtype, config, targets, keep_fp8)
     fp8_names = {n for n in specs if keep_fp8 and n + SCALE_SUFFIX in checkpoint.weight_map}
-    if fp8_names and shard is not None:
-        raise ValueError("weight_dtype='fp8' with tensor_parallel=True is not supported yet: each rank "
-                         "dequantizes its slice into dtype")
     # 3. build on meta
     with torch.device("meta"):
         model = parallel.sharded_model(shard) if shard else MiMoForCausalLM(config)
     if fp8_names:
         _use_fp8_storage(model, specs, fp8_names, checkpoint.weight_map, directory, config)
+    fp8_slices = {}  # hub name -> FP8Slice: the FP8 weights a rank holds only part of
+    if fp8_names and shard:
+        parallel.sum_fp8_over_ranks(model)
+        fp8_slices = _slice_fp8_storage(model, checkpoint, specs, fp8_names, shard)
     # 4-5. place, allocate, fill
     device_of, memory_plan = _placement(config, devices, placement, device_memory, keep_fp8, dtype, context,
                                         device or "cpu")
     _allocate(model, specs, dtype, device_of)
-    report = _fill(model, checkpoint, specs, dtype, fp8_names, device_of, shard, progress)
+    report = _fill(model, checkpoint, specs, dtype, fp8_names, fp8_slices, device_of, shard, progress)
     # 6. report
     model.load_report = report
     model.plan = memory_plan  # the checked memory plan when placed over devices, else None
@@ -230,7 +231,7 @@ def check_against_config(checkpoint: Checkpoint) -> dict[str, TensorSpec]:
     return specs
 
 
-def _fill(model, checkpoint: Checkpoint, specs, dtype, fp8_names, device_of, shard, progress) -> LoadReport:
+def _fill(model, checkpoint: Checkpoint, specs, dtype, fp8_names, fp8_slices, device_of, shard, progress) -> LoadReport:
     """Step 5: copy every tensor this process holds (all of them, or the shard plan's rows and
     columns) into the allocated model, checking each; returns the load report."""
     config, reader, directory = checkpoint.config, checkpoint.reader, checkpoint.directory
@@ -248,7 +249,13 @@ def _fill(model, checkpoint: Checkpoint, specs, dtype, fp8_names, device_of, sha
             row = shard.expert_row(spec) if shard else spec.expert
             reader.device = str(device_of(spec.param))  # straight onto the tensor's device
             with torch.no_grad():
-                if name in fp8_names:
+                if name in fp8_slices:
+                    fp8, scale, row_block = read_fp8_slice(reader, name, fp8_slices[name], report)
+                    _check_finite(reader, name, fp8, scale)
+                    targets[spec.param].copy_(fp8)
+                    targets[spec.param + SCALE_SUFFIX].copy_(scale)
+                    targets[spec.param + ROW_BLOCK_SUFFIX].copy_(row_block)
+                elif name in fp8_names:
                     fp8, scale, row_block = read_fp8(reader, name, spec, config, report)
                     _check_finite(reader, name, fp8, scale)
                     _slot(targets[spec.param], row).copy_(fp8)
@@ -272,6 +279,69 @@ def _fill(model, checkpoint: Checkpoint, specs, dtype, fp8_names, device_of, sha
     report.mtp_blocks = config.num_mtp_layers
     report.bytes_read = reader.bytes_read
     return report
+
+
+@dataclass(frozen=True)
+class FP8Slice:
+    """The block of an FP8 weight one tensor-parallel rank holds, cut on the weight's own grid:
+    rows [r0, r1) and columns [c0, c1), the scale rows and columns that cover them, and the row
+    grid of the slice (row -> row of the sliced scale)."""
+
+    kind: str  # the grid: "uniform" or "per-head" (`fp8.choose_grid`)
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    scale_rows: tuple[int, int]
+    scale_cols: tuple[int, int]
+    row_block: torch.Tensor
+
+
+def fp8_slice(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoConfig, rows, cols) -> FP8Slice:
+    """Where a rank's rows/columns of FP8 weight `name` fall on its block grid. A rank whose rows
+    start or end inside a block reads that block's scale row too (the block is shared, as when a
+    rank dequantizes its slice); a column split must fall on a block edge, because `FP8Linear`
+    multiplies whole column blocks."""
+    shape, scale_name = reader.shape(name), name + SCALE_SUFFIX
+    block_c = config.fp8_block[1]
+    try:
+        kind, grid = choose_grid(shape, reader.shape(scale_name), config.fp8_block, head_size=spec.head_size,
+                                 name=name, fp8=lambda: reader.read(name))
+    except ValueError as err:
+        raise CheckpointError(f"{reader.where(scale_name)}: {err}") from None
+    (r0, r1), (c0, c1) = rows or (0, shape[0]), cols or (0, shape[1])
+    if c0 % block_c:
+        raise CheckpointError(f"{reader.where(name)}: this rank's columns {c0}..{c1} of {name!r} start inside a "
+                              f"{block_c}-column FP8 block; keep FP8 under tensor parallelism only where column "
+                              "splits fall on block edges, or load with weight_dtype=None")
+    local = grid[r0:r1]
+    s_r0, s_r1 = int(local.min()), int(local.max()) + 1
+    return FP8Slice(kind, (r0, r1), (c0, c1), (s_r0, s_r1), (c0 // block_c, -(-c1 // block_c)), local - s_r0)
+
+
+def _slice_fp8_storage(model, checkpoint: Checkpoint, specs, fp8_names, shard) -> dict[str, FP8Slice]:
+    """Under tensor parallelism with FP8 kept: each sliced FP8 weight's scale buffer takes the
+    shape of the scale rows and columns the rank reads (still on meta)."""
+    slices = {}
+    for name in sorted(fp8_names):
+        where = shard.ranges[name]
+        if where == "skip" or where == (None, None):
+            continue  # not on this rank, or whole on it (experts): read as without tensor parallelism
+        cut = slices[name] = fp8_slice(checkpoint.reader, name, specs[name], checkpoint.config, *where)
+        module = model.get_submodule(specs[name].param.rpartition(".")[0])
+        scale_shape = (cut.scale_rows[1] - cut.scale_rows[0], cut.scale_cols[1] - cut.scale_cols[0])
+        module.register_buffer("weight" + SCALE_SUFFIX, torch.empty(scale_shape, dtype=torch.float32, device="meta"))
+    return slices
+
+
+def read_fp8_slice(reader: ShardReader, name: str, cut: FP8Slice, report: LoadReport):
+    """A rank's block of an FP8 weight, the scale block covering it and its row grid (`fp8_slice`)."""
+    fp8 = reader.read(name, cut.rows, cut.cols)
+    scale = reader.read(name + SCALE_SUFFIX, cut.scale_rows, cut.scale_cols)
+    if fp8.dtype != FP8 or scale.dtype != torch.float32:
+        raise CheckpointError(f"{reader.where(name)}: tensor {name!r} must be float8_e4m3fn with a float32 scale, "
+                              f"got {fp8.dtype} / {scale.dtype}")
+    report.fp8_tensors += 1
+    report.grids[cut.kind] = report.grids.get(cut.kind, 0) + 1
+    return fp8, scale, cut.row_block
 
 
 def _check_finite(reader: ShardReader, name: str, tensor: torch.Tensor, scale: torch.Tensor | None = None) -> None:

@@ -28,6 +28,11 @@ only the rank's rows or columns from disk. An FP8 weight's scale is sliced consi
 cover its weight rows, even when its first or last row falls inside a 128-row block (the real
 sliding-layer `k_proj`, 1536 rows over 8 ranks = 192 rows each, cuts blocks in half: the block is
 shared, so both ranks read its scale row).
+
+FP8 kept (`load(path, tensor_parallel=True, weight_dtype="fp8")`): each rank keeps its rows or
+columns in FP8 with the scale rows and columns that cover them and the slice's own row grid
+(`checkpoint.fp8_slice`), so a rank of the real model holds about 1/8 of the 292 GiB release plus
+the replicated tensors; the row-parallel FP8 linears sum over ranks (`AllReduceFP8Linear`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import MiMoConfig
+from .fp8 import FP8Linear
 from .hub import TensorSpec, tensor_specs
 from .model import MiMoForCausalLM
 from .moe import MoE
@@ -61,11 +67,29 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # the linears whose outputs are summed over ranks
+
+
 class AllReduceLinear(nn.Linear):
     """A row-parallel linear: this rank's input columns give a partial sum, summed over ranks."""
 
     def forward(self, x):
         return all_reduce(super().forward(x))
+
+
+class AllReduceFP8Linear(FP8Linear):
+    """`AllReduceLinear` with its weight kept in FP8 (`weight_dtype="fp8"`)."""
+
+    def forward(self, x):
+        return all_reduce(super().forward(x))
+
+
+def sum_fp8_over_ranks(model: nn.Module) -> None:
+    """After the loader swapped FP8 modules in (on meta): an `FP8Linear` in a row-parallel place
+    sums over ranks like the `AllReduceLinear` it replaced (same buffers, one more step)."""
+    for name, module in model.named_modules():
+        if type(module) is FP8Linear and name.endswith(ROW_PARALLEL):
+            module.__class__ = AllReduceFP8Linear
 
 
 class ExpertParallelMoE(MoE):
@@ -187,7 +211,7 @@ def sharded_model(plan: ShardPlan) -> MiMoForCausalLM:
     config, world = plan.config, plan.world
     e_local = config.n_routed_experts // world
     model = MiMoForCausalLM(local_config(config, world))
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(model.model.layers):  # the ROW_PARALLEL linears sum over ranks
         o = layer.self_attn.o_proj
         layer.self_attn.o_proj = AllReduceLinear(o.in_features, o.out_features, bias=False)
         if config.is_moe(i):

@@ -15,7 +15,13 @@ def held_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _local_worker(rank, world, port, paths, input_ids, dtype, new_tokens, out_dir, timeout_s, die_rank):
+def fp8_bytes(model) -> int:
+    """Bytes of the FP8 weights this process keeps (`weight_dtype="fp8"`: buffers, not parameters)."""
+    return sum(b.numel() * b.element_size() for b in model.buffers() if b.dtype == torch.float8_e4m3fn)
+
+
+def _local_worker(rank, world, port, paths, input_ids, dtype, weight_dtype, new_tokens, out_dir, timeout_s,
+                  die_rank):
     from datetime import timedelta
 
     import minimimo
@@ -26,7 +32,8 @@ def _local_worker(rank, world, port, paths, input_ids, dtype, new_tokens, out_di
                             timeout=timedelta(seconds=timeout_s))
     try:
         try:
-            model = minimimo.load(paths[rank], dtype=dtype, tensor_parallel=True, progress=False)
+            model = minimimo.load(paths[rank], dtype=dtype, weight_dtype=weight_dtype, tensor_parallel=True,
+                                  progress=False)
         except CheckpointError as err:  # recorded: the test checks that every rank says the same
             torch.save({"error": str(err)}, Path(out_dir) / f"rank{rank}.pt")
             return
@@ -36,17 +43,18 @@ def _local_worker(rank, world, port, paths, input_ids, dtype, new_tokens, out_di
             logits = model(input_ids)
         ids = minimimo.generate(model, input_ids, new_tokens) if new_tokens else None
         torch.save({"logits": logits, "ids": ids, "held_bytes": held_bytes(model), "error": None,
+                    "fp8_bytes": fp8_bytes(model), "grids": model.load_report.grids,
                     "bytes_read": model.load_report.bytes_read}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_local(path, input_ids: torch.Tensor, world: int, *, dtype="float32", new_tokens: int = 0,
-              timeout_s: float = 30.0, die_rank: int | None = None) -> list[dict]:
+def run_local(path, input_ids: torch.Tensor, world: int, *, dtype="float32", weight_dtype: str | None = None,
+              new_tokens: int = 0, timeout_s: float = 30.0, die_rank: int | None = None) -> list[dict]:
     """Run `world` CPU processes (gloo on 127.0.0.1), each loading its shard of `path` (or of
     `path[rank]` when given a list), and return per rank: logits, greedy ids (`new_tokens`),
-    bytes held and bytes read from disk, or the `CheckpointError` message of a failed load."""
+    bytes held (parameters; FP8 buffers apart) and bytes read from disk, or the `CheckpointError` message of a failed load."""
     import socket
     import tempfile
 
@@ -57,7 +65,7 @@ def run_local(path, input_ids: torch.Tensor, world: int, *, dtype="float32", new
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_local_worker, args=(world, port, paths, input_ids, dtype, new_tokens, out_dir, timeout_s,
+        mp.spawn(_local_worker, args=(world, port, paths, input_ids, dtype, weight_dtype, new_tokens, out_dir, timeout_s,
                                       -1 if die_rank is None else die_rank), nprocs=world, join=True)
         return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
 

@@ -60,6 +60,26 @@ def test_sharded_logits_and_greedy_equal_single_process(fp8_checkpoint, referenc
         assert max(r["bytes_read"] for r in ranks) < whole
 
 
+def test_fp8_kept_under_tensor_parallel_equals_one_process(fp8_checkpoint, reference):
+    """weight_dtype="fp8" under tensor parallelism: each rank keeps its slice in FP8, cut on the
+    blocks of the checkpoint (a sliding k_proj of 2 heads x 24 rows splits inside a 16-row block:
+    both ranks read its scale row), and computes what one process keeping FP8 computes."""
+    from helpers import fp8_bytes
+
+    _, ids, _, greedy = reference
+    kept = minimimo.load(fp8_checkpoint, dtype=torch.float32, weight_dtype="fp8", progress=False)
+    with torch.no_grad():
+        logits = kept(ids)
+    ranks = run_local(fp8_checkpoint, ids, 2, weight_dtype="fp8", new_tokens=10)
+    for rank in ranks:
+        assert rank["error"] is None
+        torch.testing.assert_close(rank["logits"], logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(rank["ids"], greedy)
+        assert 0 < rank["fp8_bytes"] < fp8_bytes(kept)  # FP8 kept, and only this rank's share of it
+        assert sum(rank["grids"].values()) < sum(kept.load_report.grids.values())  # its experts only
+    assert sum(r["fp8_bytes"] for r in ranks) >= fp8_bytes(kept)  # replicated kv heads are held twice
+
+
 def test_speculative_greedy_under_tensor_parallel(fp8_checkpoint, reference):
     """The MTP blocks are sharded like the layers: drafting under TP is still lossless."""
     model, ids, _, greedy = reference
