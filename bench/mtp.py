@@ -2,6 +2,7 @@
 
     python bench/mtp.py            # full run (a few minutes on 2 cores)
     python bench/mtp.py --quick    # smoke run
+    python bench/mtp.py --cycle    # only what one cycle costs, in plain decode steps, by part
 
 For k = 1, 2, 3 drafted tokens per cycle, on held-out Python (`bench/heldout_code.py`, ordinary
 code written for this repository; the model was trained on the interpreter's standard library),
@@ -9,7 +10,11 @@ greedy, batch 1:
   * mean acceptance length (tokens produced per main-model forward; k + 1 at most),
   * decode tokens/s of plain decoding and of speculative decoding, measured interleaved in one
     run, and their ratio (the wall-clock speed-up),
-  * the same token ids as plain greedy (asserted).
+  * the same token ids as plain greedy (asserted),
+  * what one draft-verify cycle costs in plain decode steps, split into its parts (`--cycle`):
+    the MTP drafts, the (k+1)-token verify forward, and the bookkeeping around them (accept,
+    commit, roll back, the loop). A cycle that costs c plain steps and yields L tokens on average
+    is a speed-up of about L / c.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 
 import minimimo
+import minimimo.speculative as speculative
 from minimimo.speculative import SpeculativeStats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,12 +48,69 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+class PartTimer:
+    """Wraps the parts of `speculative.py`'s loop with wall-clock timers while it is entered."""
+
+    PARTS = ("draft", "verify", "accept_greedy", "commit", "roll_back")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    def __enter__(self):
+        self.saved = {name: getattr(speculative, name) for name in self.PARTS}
+        for name, fn in self.saved.items():
+            setattr(speculative, name, self.timed(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(speculative, name, fn)
+
+    def timed(self, name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] += time.perf_counter() - start
+            return out
+        return wrapper
+
+
+def cycle_costs(model, prompts, new_tokens: int, rounds: int) -> None:
+    """Per k: what a cycle costs in plain decode steps, in all and by part (prefill subtracted)."""
+    gen = minimimo.generate
+    plain_step_s, decode_s, n_cycles = [], dict.fromkeys(range(1, 4), 0.0), dict.fromkeys(range(1, 4), 0)
+    parts = {k: PartTimer() for k in range(1, 4)}
+    for _ in range(rounds):
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            gen(model, ids, 4)  # warm-up
+            _, prefill_s = timed(lambda: gen(model, ids, 1))  # the prompt and the first token, no decode step
+            _, plain_s = timed(lambda: gen(model, ids, new_tokens))
+            plain_step_s.append((plain_s - prefill_s) / (new_tokens - 1))
+            for k in range(1, 4):
+                with parts[k]:
+                    (_, st), spec_s = timed(lambda: gen(model, ids, new_tokens, mtp_steps=k, return_stats=True))
+                decode_s[k] += spec_s - prefill_s
+                n_cycles[k] += len(st.accept_lengths)  # batch 1: one entry per cycle
+    step = statistics.mean(plain_step_s)
+    print(f"\nplain decode step: {1e3 * step:.2f} ms (mean of {len(plain_step_s)} runs, prefill subtracted)")
+    print("one cycle, in plain decode steps:")
+    print(f"{'k':>3} {'cycle':>7} {'draft':>7} {'verify':>7} {'accept':>7} {'commit':>7} {'rollback':>8} {'rest':>7}")
+    for k in range(1, 4):
+        cycle = decode_s[k] / n_cycles[k] / step
+        by_part = [parts[k].seconds[name] / n_cycles[k] / step for name in PartTimer.PARTS]
+        print(f"{k:>3} {cycle:>7.2f} " + " ".join(f"{x:>7.2f}" for x in by_part[:4])
+              + f" {by_part[4]:>8.2f} {cycle - sum(by_part):>7.2f}")
+    print("(draft: the k MTP blocks, one pass each; rest: the loop itself, the stats, the output)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", default=None, help="checkpoint (default: the bundled trained one)")
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cycle", action="store_true", help="only the cost of one cycle, in plain steps, by part")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     directory = Path(args.model) if args.model else minimimo.default_checkpoint()
@@ -59,6 +122,9 @@ def main(argv=None) -> int:
           f"checkpoint {directory.name} | {model.config.num_mtp_layers} MTP blocks")
     print(f"{len(prompts)} held-out prompts of 96 tokens (bench/heldout_code.py), {new_tokens} new tokens, greedy, "
           f"batch 1, {rounds} interleaved rounds")
+    if args.cycle:
+        cycle_costs(model, prompts, new_tokens, rounds)
+        return 0
 
     times = {k: [] for k in range(4)}
     stats = {k: SpeculativeStats(k) for k in range(1, 4)}

@@ -7,11 +7,10 @@ not been run through it yet. One cycle:
     positions      ... last | last+1    | last+2  last+3  last+4
     tokens         ... t    | t_{last+1}| d1      d2      d3        (k = 3 drafts)
 
-1. **draft** (`draft`): MTP block j reads the main hidden state h_q and token t_{q+j+1}. It first
-   catches up on the positions whose input token is verified (block 0 up to `last`, block j up to
-   `last - j`), then, in the same pass, runs the rest of the way to `last` on the drafts
-   d1 .. dj as inputs and guesses d_{j+1} at `last`. Those positions are speculative: the block
-   forgets them at the end of the cycle.
+1. **draft** (`draft`): MTP block j reads the main hidden state h_q and token t_{q+j+1}. In one
+   pass it catches up on the positions new since its last pass, up to `last`; at the last j of
+   them its input tokens are the drafts d1 .. dj, and at `last` it guesses d_{j+1}. Those j
+   positions are speculative: the block keeps them only if the drafts they read are accepted.
 2. **verify** (`verify`): the main model runs [t_{last+1}, d1, ..., dk] at positions
    last+1 .. last+k+1 in one forward: k+1 next-token distributions for the price of one pass.
 3. **accept** — pure functions of tensors, each tested alone:
@@ -22,7 +21,7 @@ not been run through it yet. One cycle:
    distribution (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318).
 4. **commit and roll back** (`commit`, `roll_back`): the accepted drafts and the next token join
    the row (up to its first stop token and `max_new_tokens`); every cache forgets the positions
-   of rejected drafts (`truncate`). Caches are position-indexed and every ring has k spare slots,
+   that read rejected drafts (`truncate`). Caches are position-indexed and every ring has k spare slots,
    so nothing a later query needs was overwritten.
 
 Each cycle yields 1 .. k+1 tokens per main-model forward; their mean is the acceptance length.
@@ -80,17 +79,21 @@ class Rows:
     last: torch.Tensor  # [b] last position with a main hidden state (t_{last+1} is verified, not run)
     produced: torch.Tensor  # [b] new tokens so far
     stopped: torch.Tensor  # [b] bool: emitted a stop token
-    mtp_clean: list[torch.Tensor]  # per MTP block [b]: its cache holds verified inputs below this position
+    mtp_next: list[torch.Tensor]  # per MTP block [b]: the first position its cache does not hold
 
     def active(self, max_new_tokens: int) -> torch.Tensor:
         return ~self.stopped & (self.produced < max_new_tokens)
 
 
 def ragged_positions(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """Per row the positions start..end-1, left-aligned, padded with -1: [b, max(end - start)]."""
+    """Per row the positions start..end-1, right-aligned, left-padded with -1: [b, max(end - start)].
+
+    Right-aligned like a left-padded prompt: the newest position of every row is in the last
+    column, which is what a ring cache keeps when it is handed more tokens than it has slots.
+    """
     width = max(1, int((end - start).max()))
-    pos = start[:, None] + torch.arange(width, device=start.device)
-    return torch.where((pos < end[:, None]) & (pos >= 0), pos, -1)
+    pos = end[:, None] - width + torch.arange(width, device=start.device)
+    return torch.where((pos >= start[:, None]) & (pos >= 0), pos, -1)
 
 
 def gather_rows(buffer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -110,16 +113,14 @@ def scatter_rows(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Te
 # --- 1. draft, 2. verify -----------------------------------------------------------------------
 
 def draft(model, state: Rows, mtp_caches, active, sampler: Sampler | None):
-    """Runs MTP block j over positions mtp_clean[j] .. last of every active row -> drafts [b, k],
+    """Runs MTP block j over positions mtp_next[j] .. last of every active row -> drafts [b, k],
     and their distributions [b, k, V] when sampling (None when greedy)."""
-    rows = torch.arange(len(state.last), device=state.last.device)
     drafts, draft_probs = [], []
     for j, cache in enumerate(mtp_caches):
-        start = state.mtp_clean[j]
+        start = state.mtp_next[j]
         pos = ragged_positions(start, torch.where(active, state.last + 1, start))  # [b, t]; finished rows: -1
         inputs = gather_rows(state.tokens, (pos + j + 1).where(pos >= 0, -1))  # t_{q+j+1}, drafts past last+1
-        out = mtp_logits(model, j, inputs, gather_rows(state.hidden, pos), pos, cache)
-        logits = out[rows, (state.last - start).clamp(0, out.shape[1] - 1)]  # at q = last: guesses t_{last+j+2}
+        logits = mtp_logits(model, j, inputs, gather_rows(state.hidden, pos), pos, cache)[:, -1]  # at q = last
         if sampler is None:
             guess = logits.argmax(-1)
         else:
@@ -127,7 +128,7 @@ def draft(model, state: Rows, mtp_caches, active, sampler: Sampler | None):
             guess = sampler.sample(draft_probs[-1])
         drafts.append(guess)
         scatter_rows(state.tokens, torch.where(active, state.last + 2 + j, -1)[:, None], guess[:, None])
-        state.mtp_clean[j] = torch.where(active, torch.maximum(start, state.last - j + 1), start)
+        state.mtp_next[j] = torch.where(active, state.last + 1, start)
     return torch.stack(drafts, 1), (torch.stack(draft_probs, 1) if draft_probs else None)
 
 
@@ -199,10 +200,13 @@ def commit(state: Rows, drafts, accepted, next_token, hidden, active, stop, max_
 
 def roll_back(state: Rows, cache: HybridCache, mtp_caches) -> None:
     """Every cache forgets what was not verified: the main model keeps positions up to `last` (the
-    next token t_{last+1} runs in the next verify), MTP block j keeps those below mtp_clean[j]."""
+    next token t_{last+1} runs in the next verify), MTP block j the positions q whose input token
+    t_{q+j+1} was already verified or an accepted draft (q + j + 1 <= last; t_{last+1} is the main
+    model's own token, not the draft the block read there): accepted drafts need no second pass."""
     cache.truncate(state.last + 1)
     for j, mtp_cache in enumerate(mtp_caches):
-        mtp_cache.truncate(state.mtp_clean[j].to(mtp_cache.pos.device))
+        state.mtp_next[j] = torch.minimum(state.mtp_next[j], state.last - j)
+        mtp_cache.truncate(state.mtp_next[j].to(mtp_cache.pos.device))
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def start(model, input_ids, mask, k: int, max_new_tokens: int, sampler: Sampler 
                  hidden=torch.zeros(b, capacity, config.hidden_size, dtype=dtype, device=device),
                  last=mask.sum(1) - 1, produced=torch.ones(b, dtype=torch.long, device=device),
                  stopped=torch.isin(first, stop),
-                 mtp_clean=[torch.zeros(b, dtype=torch.long, device=device) for _ in range(k)])
+                 mtp_next=[torch.zeros(b, dtype=torch.long, device=device) for _ in range(k)])
     scatter_rows(state.tokens, positions, input_ids)
     scatter_rows(state.hidden, positions, mtp_hidden_input(model, h.to(device)))
     state.tokens[torch.arange(b, device=device), state.last + 1] = first

@@ -241,6 +241,46 @@ def test_bundled_checkpoint_ragged_batch_with_stop_tokens(bundled):
         assert sampled.shape[1] <= plain.shape[1] + 60
 
 
+def check_drafts_against_uncached_passes(monkeypatch, model, k):
+    """Wraps `speculative.draft`: every draft must equal MTP block j run from scratch (no cache)
+    over positions 0 .. last, reading the verified tokens and this cycle's earlier drafts."""
+    real_draft, checked = speculative.draft, []
+
+    def checked_draft(model_, state, mtp_caches, active, sampler):
+        drafts, probs = real_draft(model_, state, mtp_caches, active, sampler)
+        for row in active.nonzero()[:, 0].tolist():
+            q = torch.arange(int(state.last[row]) + 1)
+            for j in range(k):
+                logits = mtp_logits(model, j, state.tokens[row, q + j + 1][None], state.hidden[row, q][None], q[None])
+                top2 = logits[0, -1].topk(2).values
+                if top2[0] - top2[1] > 1e-4:  # not a near-tie
+                    assert int(logits[0, -1].argmax()) == int(drafts[row, j]), (row, j)
+                    checked.append(j)
+        return drafts, probs
+
+    monkeypatch.setattr(speculative, "draft", checked_draft)
+    return checked
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_caches_keep_exactly_what_is_valid_across_rollbacks_and_ring_wraps(monkeypatch, k):
+    """The drafts themselves never change the output, so this checks the MTP caches directly."""
+    model = mtp_model(window=3)
+    ids, mask = padded_batch([9, 4], 256, seed=8)
+    checked = check_drafts_against_uncached_passes(monkeypatch, model, k)
+    generate(model, ids, 30, attention_mask=mask, mtp_steps=k)
+    assert len(checked) > 20 * k
+
+
+@needs_bundled
+def test_bundled_mtp_caches_keep_accepted_drafts_valid(monkeypatch, bundled):
+    """The trained blocks get drafts accepted, so positions that read accepted drafts stay cached."""
+    ids, mask = padded_batch([40, 17], bundled.config.vocab_size, seed=9)
+    checked = check_drafts_against_uncached_passes(monkeypatch, bundled, 3)
+    stats = generate(bundled, ids, 60, attention_mask=mask, mtp_steps=3, return_stats=True)[1]
+    assert len(checked) > 30 and stats.mean_accept_length > 1.3
+
+
 # --- speculative sampling keeps the target distribution -----------------------------------------
 
 def test_speculative_sampling_matches_the_target_distribution():
