@@ -48,7 +48,10 @@ class DecoderLayer(nn.Module):
 class MiMoModel(nn.Module):
     def __init__(self, config: MiMoConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        if not self.embed_tokens.weight.is_meta:  # nn.Embedding's own N(0, 1) init, but not on meta,
+            nn.init.normal_(self.embed_tokens.weight)  # where it would import torch._dynamo (seconds)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mtp = MTP(config)  # empty when the checkpoint has no MTP blocks

@@ -195,3 +195,22 @@ def test_model_names_a_token_id_outside_the_vocabulary(tiny_model, bad):
     ids = torch.tensor([[1, 2, bad, 3], [4, 5, 6, 7]])
     with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary \[0, 256\)"):
         tiny_model(ids)
+
+
+def test_building_on_meta_is_cheap_and_a_real_build_keeps_the_embedding_init():
+    """On meta, nn.Embedding's N(0, 1) initializer imports torch._dynamo (seconds of a cold start);
+    the model skips it there, and only there."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from minimimo import MiMoConfig, MiMoForCausalLM\n"
+            "with torch.device('meta'): MiMoForCausalLM(MiMoConfig.tiny())\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    from minimimo import MiMoForCausalLM
+
+    torch.manual_seed(3)
+    weight = MiMoForCausalLM(MiMoConfig.tiny()).model.embed_tokens.weight
+    torch.manual_seed(3)
+    assert torch.equal(weight, torch.nn.Embedding(256, MiMoConfig.tiny().hidden_size).weight)
