@@ -3,14 +3,15 @@
 Axes: b batch, t query positions, s key positions, h query heads, g kv heads, r query heads per kv
 head (h = g * r), d query/key channels, e value channels, r_dim rotary channels, f frequency pairs.
 
-    rms_norm                  y = w * x / sqrt(mean(x^2) + eps)                       (notebook 01)
+    rms_norm                  y = w * x / sqrt(mean(x^2) + eps)                       (notebook 00)
     inv_freq, cos_sin, rope   partial RoPE, rotate-half pairs (i, i + r/2)            (notebook 01)
     mask_from_positions       visible(t, s) = 0 <= pos_k <= pos_q and pos_q - pos_k <= W  (02)
     attention_with_sink       GQA softmax attention with one sink column per head     (notebook 02)
     attention_layer           projections, value scale, RoPE, sink attention, o_proj  (notebook 02)
     GrowingCache, RingCache   the plain KV cache and the ring buffer of a window      (notebook 03)
 
-Each is asserted against `minimimo` in the notebook named beside it. They follow the package's dtype
+Each is asserted against `minimimo` in the notebook named beside it (notebook 03 also checks RingCache and
+GrowingCache slot for slot against `minimimo.cache`). They follow the package's dtype
 conventions (statistics and softmax in float32, RoPE angles in float32), so the capstone (06) can
 compare whole-model logits with `MiMoForCausalLM` in bfloat16 too.
 """
@@ -21,7 +22,7 @@ import torch
 from einops import rearrange, repeat
 
 
-# ---------------------------------------------------------------- RMSNorm (notebook 01)
+# ---------------------------------------------------------------- RMSNorm (notebook 00)
 def rms_norm(x, weight, eps=1e-5):                                 # x [... c], weight [c]
     """Unit root-mean-square per vector, then a learned per-channel weight. The statistics are taken
     in float32 and the result is cast back to x's dtype *before* the weight multiply (Llama order)."""
