@@ -204,9 +204,11 @@ def read_index(directory: Path) -> dict[str, str]:
         weight_map = {name: "model.safetensors" for name in read_header(path)}
     else:
         raise CheckpointError(f"{directory}: neither {INDEX} nor model.safetensors found")
+    first_tensor = {}  # shard file -> the first tensor the index puts in it (to name in an error)
     for name, file in weight_map.items():
-        path = checkpoint_file(directory, file, index)
-        if not path.is_file():
+        first_tensor.setdefault(file, name)
+    for file, name in first_tensor.items():
+        if not checkpoint_file(directory, file, index).is_file():
             raise CheckpointError(f"{index}: tensor {name!r} is in shard {file!r}, which does not exist")
     return weight_map
 
