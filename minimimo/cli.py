@@ -7,6 +7,7 @@
     minimimo generate --prompt "import os" --mtp-steps 3   # MTP drafting: acceptance length, histogram
     minimimo chat                         # interactive chat in the official ChatML format
     minimimo plan --flash --gpus 8 --gpu-memory 80GiB      # memory plan per device: does it fit?
+    minimimo plan --flash --tensor-parallel 8 --gpu-memory 80GiB   # the same per tensor-parallel rank
     minimimo verify --model PATH          # minimimo vs the official implementation (transformers)
     torchrun --nproc-per-node N -m minimimo generate --model PATH --prompt ...   # tensor parallel
 
@@ -240,11 +241,16 @@ def cmd_info(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import PlanError, plan
+    from .plan import PlanError, plan, tensor_parallel_plan
 
     source = MiMoConfig.flash() if args.flash or not args.model else args.model
-    the_plan = plan(source, devices=args.gpus, device_memory=args.gpu_memory, weight_dtype=args.weight_dtype,
-                    kv_dtype=args.kv_dtype, context=args.context, batch=args.batch)
+    if args.tensor_parallel:
+        the_plan = tensor_parallel_plan(source, world=args.tensor_parallel, device_memory=args.gpu_memory,
+                                        weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype, context=args.context,
+                                        batch=args.batch)
+    else:
+        the_plan = plan(source, devices=args.gpus, device_memory=args.gpu_memory, weight_dtype=args.weight_dtype,
+                        kv_dtype=args.kv_dtype, context=args.context, batch=args.batch)
     print(the_plan.table())
     try:
         the_plan.check()
@@ -421,7 +427,9 @@ def build_parser() -> ArgumentParser:
     p = command("plan", "memory plan: which device holds which layers, and whether it fits", cmd_plan)
     p.add_argument("--model", help="checkpoint directory or config.json; default: the real MiMo-V2-Flash (--flash)")
     p.add_argument("--flash", action="store_true", help="the real MiMo-V2-Flash configuration")
-    p.add_argument("--gpus", type=integer(1), default=8, help="number of devices")
+    p.add_argument("--gpus", type=integer(1), default=8, help="number of devices (layer placement)")
+    p.add_argument("--tensor-parallel", type=integer(1), metavar="N", default=None,
+                   help="plan tensor + expert parallelism over N ranks (torchrun) instead of layer placement")
     p.add_argument("--gpu-memory", type=memory_size, default="80GiB",
                    help="memory per device with its unit: 80GiB (2**30 bytes), 141GB (10**9 bytes)")
     p.add_argument("--weight-dtype", default="fp8", choices=["fp8", "bf16", "fp32"], help="how weights are kept")

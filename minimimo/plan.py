@@ -55,8 +55,19 @@ sends them token embeddings from the embedding's device and runs their logits on
 
 A loader that dequantizes FP8 into the compute dtype (as `checkpoint.load` does) holds the "bf16"
 (or "fp32") plan; an "fp8" plan describes keeping FP8 weights with their scales on the device and
-dequantizing per matmul, as serving engines and DeepSeek-V3's inference code do. This is pipeline
-placement; tensor/expert parallelism (`parallel.py`) splits every layer over all ranks instead.
+dequantizing per matmul, as serving engines and DeepSeek-V3's inference code do.
+
+Tensor parallelism
+------------------
+Pipeline placement puts whole layers on devices; tensor + expert parallelism (`parallel.py`,
+under `torchrun`) splits every layer over all ranks instead. `tensor_parallel_plan` counts what
+one rank holds from the loader's own shard plan (`parallel.shard_ranges`): its query and kv heads,
+1/W of the dense MLP, 1/W of the experts, the FP8 scale rows covering its slices, plus the
+replicated embedding, LM head, norms and routers (2.7 GB that every rank keeps):
+
+    minimimo plan --flash --tensor-parallel 8 --gpu-memory 80GiB
+    fp8 (as released): 38.8 GiB per rank, 49% of 80 GiB: fits
+    bf16:              74.5 GiB per rank, 93%: does not fit 8 x 80 GiB (fits 8 x 141 GB)
 """
 
 from __future__ import annotations
@@ -69,8 +80,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import MiMoConfig
-from .fp8 import ROW_BLOCK_DTYPE, ROW_BLOCK_SUFFIX, scale_shape
+from .fp8 import ROW_BLOCK_DTYPE, ROW_BLOCK_SUFFIX, row_grid, scale_shape
 from .hub import SCALE_SUFFIX, fp8_head_size, is_fp8_stored, tensor_specs
+from .parallel import local_config, shard_ranges
 
 GiB = 2**30
 DEFAULT_BLOCK = (128, 128)  # the release's FP8 block when a config has no quantization_config
@@ -362,6 +374,92 @@ def plan(config_or_path: MiMoConfig | str | Path, *, devices: int | list, device
                 str(kv_dtype).removeprefix("torch."), context, batch, balanced, unit_weights, unit_kv)
 
 
+# ---------------------------------------------------------------------------------------------- tensor parallel
+class TensorParallelPlan(Plan):
+    """The per-rank plan of tensor + expert parallelism: every rank holds a slice of every unit
+    (its query heads and kv heads, its share of the dense MLP, its 1/W of the experts) plus the
+    replicated embedding, LM head, norms and routers. `weights[rank]` maps each unit to that rank's
+    bytes of it; there is no placement to choose, only whether the fullest rank fits."""
+
+    def device_map(self) -> dict[str, str]:
+        raise ValueError("under tensor parallelism every rank holds a slice of every unit: there is no device map")
+
+    def per_device(self) -> list[dict[str, Any]]:
+        rows = super().per_device()
+        for row in rows:
+            row["units"] = f"a slice of all {len(self.placement)} units"
+        return rows
+
+    def table(self) -> str:
+        lines = super().table().splitlines()
+        lines[0] = lines[0].replace("memory plan:", f"memory plan, tensor parallel over {len(self.devices)} ranks:")
+        return "\n".join(lines)
+
+    def _hints(self) -> list[str]:
+        hints = []
+        if self.weight_dtype != "fp8":
+            hints.append(f"fp8 weights (as released) instead of {self.weight_dtype}")
+        if len(set(self.capacity)) == 1:
+            hints.append(f"more ranks or larger devices: the fullest rank needs "
+                         f"{_gib(max(r['total'] for r in self.per_device()))} GiB")
+        if any(r["kv"] >= -r["free"] for r in self.per_device() if not r["fits"]):
+            hints.append(f"a shorter context or a smaller batch (KV per rank: {_gib(max(self.kv.values()), 2)} GiB)")
+        return hints
+
+
+def rank_weight_bytes(config: MiMoConfig, rank: int, world: int, weight_dtype: str = "fp8") -> dict[str, int]:
+    """Bytes of every unit that rank `rank` of `world` holds: the slices `parallel.shard_ranges`
+    reads (the loader's own shard plan), an FP8 slice with the scale rows and columns covering it
+    (a block cut by a rank boundary is read by both ranks) and its slice of the row grid.
+    At world 1 this is `weight_bytes`."""
+    dtype = _weight_dtype(weight_dtype)
+    block = config.fp8_block or DEFAULT_BLOCK
+    ranges = shard_ranges(config, rank, world)
+    totals, grids = dict.fromkeys(units(config), 0), set()
+    for name, spec in tensor_specs(config).items():
+        where = ranges[name]
+        if where == "skip":
+            continue
+        (r0, r1), (c0, c1) = [w or (0, n) for w, n in zip(where, (*spec.shape, 1))]
+        numel, unit = (r1 - r0) * (c1 - c0), unit_of(name)
+        if dtype == "fp8" and is_fp8_stored(name, spec):
+            grid = row_grid(spec.shape[0], block[0], fp8_head_size(config, name, spec))[r0:r1]
+            scale_rows = int(grid.max() - grid.min()) + 1
+            scale_cols = -(-c1 // block[1]) - c0 // block[1]
+            totals[unit] += numel + 4 * scale_rows * scale_cols
+            if spec.param not in grids:  # one grid per module (a stack of experts shares it)
+                grids.add(spec.param)
+                totals[unit] += ROW_BLOCK_DTYPE.itemsize * (r1 - r0)
+        else:
+            totals[unit] += numel * (4 if spec.float32 or dtype == "fp32" else 2)
+    return totals
+
+
+def tensor_parallel_plan(config_or_path: MiMoConfig | str | Path, *, world: int, device_memory: int | str,
+                         weight_dtype: str = "fp8", kv_dtype: str = "bf16", context: int = 4096, batch: int = 1,
+                         reserve: int | None = None, headroom: float = 0.1) -> TensorParallelPlan:
+    """What each of `world` tensor-parallel ranks holds (weights and its heads' KV cache) and
+    whether the fullest fits `device_memory`; allocates nothing. `load(..., tensor_parallel=True)`
+    checks it before building the model."""
+    config = config_or_path if isinstance(config_or_path, MiMoConfig) else MiMoConfig.from_pretrained(config_or_path)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world (the number of tensor-parallel ranks) must be an int >= 1, got {world!r}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    if context < 1 or batch < 1:
+        raise ValueError(f"context and batch must be >= 1, got context={context}, batch={batch}")
+    local = local_config(config, world)  # raises, naming the sizes, when the world cannot split the model
+    reserve = config.num_mtp_layers if reserve is None else reserve
+    unit_kv = kv_bytes_per_layer(local, context, batch, kv_dtype, reserve)  # this rank's kv heads
+    weights = {r: rank_weight_bytes(config, r, world, weight_dtype) for r in range(world)}
+    kv = dict.fromkeys(range(world), sum(unit_kv.values()))
+    order = units(config)
+    return TensorParallelPlan([f"rank {r}" for r in range(world)], [parse_memory(device_memory)] * world,
+                              dict.fromkeys(order, 0), weights, kv, headroom, _weight_dtype(weight_dtype),
+                              str(kv_dtype).removeprefix("torch."), context, batch, True,
+                              weight_bytes(config, weight_dtype), unit_kv)
+
+
 def partition(loads: list[int], usable: list[int], must_fit: bool = True) -> list[int] | None:
     """Contiguous split of `loads` (in order) over devices (in order, each >= 0 units) minimising the
     largest load / usable of any device; returns the device index of every load.
@@ -504,5 +602,6 @@ def _pct(part: int, whole: int) -> str:
     return f"{part / whole:.0%}" if whole else "-"
 
 
-__all__ = ["Plan", "PlanError", "StoredTensor", "plan", "partition", "weight_bytes", "weight_parts", "stored_tensors",
+__all__ = ["Plan", "PlanError", "StoredTensor", "TensorParallelPlan", "plan", "tensor_parallel_plan",
+           "rank_weight_bytes", "partition", "weight_bytes", "weight_parts", "stored_tensors",
            "storage_summary", "kv_bytes_per_layer", "units", "unit_of", "part_of", "parse_memory", "describe_units"]

@@ -44,6 +44,7 @@ def _local_worker(rank, world, port, paths, input_ids, dtype, weight_dtype, new_
         ids = minimimo.generate(model, input_ids, new_tokens) if new_tokens else None
         torch.save({"logits": logits, "ids": ids, "held_bytes": held_bytes(model), "error": None,
                     "fp8_bytes": fp8_bytes(model), "grids": model.load_report.grids,
+                    "all_bytes": held_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers()),
                     "bytes_read": model.load_report.bytes_read}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         if dist.is_initialized():

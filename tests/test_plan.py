@@ -257,3 +257,44 @@ def test_table_and_device_map(flash):
     names = ["layer.1", "layer.2", "layer.4", "head", "mtp.0", "mtp.1"]
     assert describe_units(names) == "layers 1-2, layer 4, head, mtp 0-1"
     assert isinstance(p, Plan)
+
+
+# ---------------------------------------------------------------------------------------------- tensor parallel
+def test_tensor_parallel_plan_at_world_one_is_the_whole_model(flash):
+    from minimimo.plan import rank_weight_bytes
+
+    for weight_dtype in ("fp8", "bf16"):
+        assert rank_weight_bytes(flash, 0, 1, weight_dtype) == weight_bytes(flash, weight_dtype)
+
+
+def test_flash_tensor_parallel_8x80gib_fp8_fits_bf16_does_not(flash):
+    from minimimo.plan import tensor_parallel_plan
+
+    fp8 = tensor_parallel_plan(flash, world=8, device_memory="80GiB").check()
+    per_rank = [r["weights"] for r in fp8.per_device()]
+    # the replicated part (embedding + lm_head 2.5 GB, routers 0.2 GB, eh_proj, norms) plus 1/8 of the rest
+    replicated = 2 * 152_576 * 4096 * 2
+    assert all(w == pytest.approx(per_rank[0], rel=1e-3) for w in per_rank)
+    assert replicated + storage_summary(flash)["total"] / 8 < per_rank[0] < replicated + storage_summary(flash)["total"] / 7
+    assert per_rank[0] / GiB == pytest.approx(38.8, abs=0.05)
+    with pytest.raises(PlanError, match="rank 0 .* over by 2.53 GiB"):
+        tensor_parallel_plan(flash, world=8, device_memory="80GiB", weight_dtype="bf16").check()
+    assert tensor_parallel_plan(flash, world=8, device_memory="141GB", weight_dtype="bf16").fits
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks"):
+        tensor_parallel_plan(flash, world=3, device_memory="80GiB")
+
+
+def test_tensor_parallel_plan_equals_what_each_rank_holds(tmp_path):
+    """Two gloo ranks keeping FP8 hold exactly the bytes the per-rank plan counts (blocks cut by a
+    rank boundary counted on both ranks, replicated kv heads, row grids)."""
+    from helpers import run_local
+    from minimimo.plan import rank_weight_bytes
+
+    config = MiMoConfig.tiny(num_key_value_heads=1, swa_num_key_value_heads=2, head_dim=24, num_mtp_layers=1)
+    path = save_checkpoint(MiMoForCausalLM(config).init_weights(1), tmp_path / "ckpt", dtype=torch.bfloat16,
+                           fp8_block=16)
+    ranks = run_local(path, torch.tensor([[1, 2, 3]]), 2, dtype="bfloat16", weight_dtype="fp8")
+    saved = MiMoConfig.from_pretrained(path)
+    for r, rank in enumerate(ranks):
+        assert rank["error"] is None
+        assert rank["all_bytes"] == sum(rank_weight_bytes(saved, r, 2, "fp8").values())
