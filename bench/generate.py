@@ -292,6 +292,13 @@ def profile_decode(args, config, ours) -> None:
                 pass
             pr.disable()
         print(f"\n== profile: minimimo decode, batch {batch}, {steps} steps, {step * 1e3:.2f} ms/step unprofiled ==")
+        aten = [e for e in prof.events() if e.name.startswith("aten::")]
+        from_python = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+        matmuls = [e for e in aten if e.name in ("aten::mm", "aten::addmm", "aten::bmm")]
+        in_grouped = [e for e in matmuls if e.cpu_parent is not None and e.cpu_parent.name == "aten::_grouped_mm"]
+        print(f"per step: {len(aten) / steps:.0f} aten ops ({len(from_python) / steps:.0f} issued from Python), "
+              f"{len(matmuls) / steps:.0f} matmuls ({len(in_grouped) / steps:.0f} of them inside _grouped_mm, "
+              f"which on a CPU runs one mm per expert, empty ones included)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(args.profile_rows)

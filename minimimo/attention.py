@@ -72,12 +72,12 @@ def sink_attention(
     scores = torch.einsum("bgrtd,bgsd->bgrts", q, k) * scale
     masked = ~rearrange(visible, "b t s -> b 1 1 t s")
     scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
-    if sink_logit is not None:  # the sink: one more key, with this logit and a value of zero
+    if sink_logit is not None:  # the sink: one more key with this logit, which takes mass and gives no value
         sink = rearrange(sink_logit.to(scores.dtype), "(g r) -> 1 g r 1 1", g=g)
         scores = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
-        v = torch.cat([v, v.new_zeros(*v.shape[:2], 1, v.shape[3])], dim=2)
     scores = scores - scores.amax(dim=-1, keepdim=True)
     probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
+    probs = probs[..., :k.shape[2]]  # drop the sink's column: its value would be zero
     out = torch.einsum("bgrts,bgse->bgrte", probs, v)
     return rearrange(out, "b g r t e -> b (g r) t e")
 
