@@ -130,11 +130,25 @@ def apply_scales(fp8: torch.Tensor, scale_inv: torch.Tensor, row_block: torch.Te
     """float32(fp8) * the scale of each element's block (row grid given), rounded to `dtype`.
 
     For a column slice starting at `first_col`, scale_inv holds the scale columns from the block of
-    `first_col` on (what a tensor-parallel rank reads)."""
-    cols = torch.arange(first_col, first_col + fp8.shape[1], device=scale_inv.device)
-    col_block = cols // col_block_size - first_col // col_block_size
-    scale = scale_inv[row_block.to(scale_inv.device)][:, col_block]  # [rows, cols]
-    return (fp8.float() * scale).to(dtype)
+    `first_col` on (what a tensor-parallel rank reads).
+
+    The scale is never expanded to [rows, cols]: the row grid picks each row's scales first
+    ([rows, column blocks], a small gather), then the weight is viewed as [rows, column blocks,
+    b] and each block multiplied by its one scale. A slice that starts or ends inside a block is
+    padded to whole blocks for the multiply (the padding is cut off again): same products, same
+    result, element for element."""
+    rows, cols = fp8.shape
+    b = col_block_size
+    scale_rows = scale_inv[row_block.to(scale_inv.device)]  # [rows, n_blocks]: per row grid first
+    lead = first_col % b  # columns of the first block before the slice starts
+    n_blocks = math.ceil((lead + cols) / b)
+    if lead == 0 and cols == n_blocks * b:  # whole blocks (every real weight): no padding
+        weight = fp8.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # ours to scale in place
+    else:
+        weight = fp8.new_zeros(rows, n_blocks * b, dtype=torch.float32)
+        weight[:, lead:lead + cols] = fp8.float()
+    weight.view(rows, n_blocks, b).mul_(scale_rows[:, :n_blocks, None])  # in place: [r, n, b] * [r, n, 1]
+    return weight[:, lead:lead + cols].to(dtype).contiguous()
 
 
 def dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], *,

@@ -17,11 +17,14 @@ Routing (layers 1..47; 256 experts, 8 chosen, no shared expert):
 
 Dispatch: the n*k (token, expert) pairs are sorted by expert, so every expert that received
 tokens runs one matmul over a contiguous slice; experts that received none are never touched.
-On the CPU in float32, torch's `grouped_mm` runs all those slices in one call per projection;
-the per-expert loop is its readable twin (and the path for bf16 and CUDA, where this file has not
-been measured). The loop asks `expert_weights(e, dtype)` for expert e's three matrices: here
-slices of the stacked parameters; `fp8.FP8Experts`, which the loader swaps in to keep FP8
-weights on the device, answers with the same matrices dequantized from FP8 for that call.
+On the CPU in float32, torch's `grouped_mm` runs all those slices in one call per projection,
+when at least half the experts received tokens (prefill): its CPU kernel runs one matmul per
+expert, empty or not, so while decoding (a few tokens, k experts each: 2 of 16 experts in the
+benchmark model, 8 of 256 in Flash) the per-expert loop, which visits only experts with tokens,
+issues far fewer ops. The loop is the readable reference (and the path for bf16 and CUDA, where
+this file has not been measured). It asks `expert_weights(e, dtype)` for expert e's three
+matrices: here slices of the stacked parameters; `fp8.FP8Experts`, which the loader swaps in
+to keep FP8 weights on the device, answers with the same matrices dequantized for that call.
 Outputs are weighted in float32 and summed over the k choices before one cast back (in bfloat16
 rounding per expert instead would flip downstream expert choices).
 """
@@ -88,11 +91,14 @@ class Experts(nn.Module):
 
     use_grouped_mm = True  # False: always the per-expert loop (the readable twin)
 
-    def grouped_mm_ok(self, x: torch.Tensor) -> bool:
+    def grouped_mm_ok(self, x: torch.Tensor, active_experts: int) -> bool:
         # torch's grouped matmul runs the same sorted slices in one call. Used on the CPU in float32
-        # only (bf16 needs 16-byte-aligned strides; CUDA untested here); the loop is its plain twin
+        # only (bf16 needs 16-byte-aligned strides; CUDA untested here); the loop is its plain twin.
+        # Its CPU kernel runs a matmul for every expert, even one without tokens: with most experts
+        # idle (decoding) the loop over the active ones is cheaper (bench/experts.py)
         return (self.use_grouped_mm and hasattr(F, "grouped_mm") and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.gate_proj.dtype == torch.float32)
+                and x.dtype == torch.float32 and self.gate_proj.dtype == torch.float32
+                and 2 * active_experts >= self.gate_proj.shape[0])
 
     def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [n, c], gate_weights / expert_ids [n, k] -> [n, c]."""
@@ -114,14 +120,15 @@ class Experts(nn.Module):
         order = order[:held]
         starts, sizes = (counts.cumsum(0) - counts).tolist(), counts.tolist()
         x_sorted = x[order // k]  # the token of each held pair
-        if self.grouped_mm_ok(x):  # one kernel call per projection over the contiguous groups
+        active = counts.nonzero().flatten().tolist()  # the experts that received tokens
+        if self.grouped_mm_ok(x, len(active)):  # one kernel call per projection over the contiguous groups
             offsets = counts.cumsum(0).to(torch.int32)
             gate = F.grouped_mm(x_sorted, self.gate_proj.mT, offs=offsets)
             up = F.grouped_mm(x_sorted, self.up_proj.mT, offs=offsets)
             out_sorted = F.grouped_mm(F.silu(gate) * up, self.down_proj.mT, offs=offsets)
         else:
             out_sorted = torch.empty_like(x_sorted)
-            for e in counts.nonzero().flatten().tolist():  # only experts that received tokens
+            for e in active:  # only experts that received tokens
                 rows = slice(starts[e], starts[e] + sizes[e])
                 out_sorted[rows] = self.expert(e, x_sorted[rows])
         out = x.new_zeros(n * k, x.shape[1]).index_copy_(0, order, out_sorted)  # back to (n k) order

@@ -214,3 +214,30 @@ def test_building_on_meta_is_cheap_and_a_real_build_keeps_the_embedding_init():
     weight = MiMoForCausalLM(MiMoConfig.tiny()).model.embed_tokens.weight
     torch.manual_seed(3)
     assert torch.equal(weight, torch.nn.Embedding(256, MiMoConfig.tiny().hidden_size).weight)
+
+
+def test_moe_decoding_visits_only_the_experts_with_tokens_and_equals_the_loop(monkeypatch):
+    """With most experts idle (a few tokens, as in decoding) the dispatch loops over the experts
+    that received tokens instead of torch's grouped_mm, whose CPU kernel runs a matmul for every
+    expert; from 1 token (2 of 16 experts) to 24 (all of them) both paths give the loop's output."""
+    config = MiMoConfig.tiny(n_routed_experts=16, num_experts_per_tok=2)
+    moe = MoE(config)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    grouped_calls, loop_calls, seen = [], [], set()
+    grouped_mm, expert = F.grouped_mm, moe.experts.expert
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **kw: grouped_calls.append(1) or grouped_mm(*a, **kw))
+    monkeypatch.setattr(moe.experts, "expert", lambda e, x: loop_calls.append(e) or expert(e, x))
+    for tokens in (1, 2, 3, 8, 24, 64):
+        x = torch.randn(1, tokens, config.hidden_size)
+        active = moe.gate(x[0])[1].unique().tolist()
+        grouped_calls.clear(), loop_calls.clear()
+        moe.experts.use_grouped_mm = True
+        fast = moe(x)
+        grouped = 2 * len(active) >= 16
+        assert len(grouped_calls) == (3 if grouped else 0), (tokens, active)
+        assert sorted(loop_calls) == ([] if grouped else active), (tokens, active)
+        seen.add(grouped)
+        moe.experts.use_grouped_mm = False
+        torch.testing.assert_close(fast, moe(x), atol=1e-5, rtol=1e-5)
+    assert seen == {True, False}  # both paths were taken

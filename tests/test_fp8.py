@@ -168,3 +168,37 @@ def test_expert_stacks_holding_part_of_the_experts_give_partial_sums():
     partial = [half.weighted_sum(x, gate_weights, expert_ids - first) for half, first in zip(halves, (0, 2))]
     assert torch.equal(partial[0] + partial[1], whole.weighted_sum(x, gate_weights, expert_ids))  # k = 2: exact
     assert (partial[0][expert_ids.ge(2).all(1)] == 0).all()  # tokens routed only to the other half
+
+
+def scales_gathered_elementwise(fp8, scale_inv, row_block, col_block_size, dtype, first_col=0):
+    """The plain formula apply_scales must equal bit for bit: a full [rows, cols] scale gathered
+    element by element (scale row from the grid, scale column from the column's block)."""
+    cols = torch.arange(first_col, first_col + fp8.shape[1])
+    col_block = cols // col_block_size - first_col // col_block_size
+    return (fp8.float() * scale_inv[row_block][:, col_block]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,head_size", [((48, 64), None), ((48, 70), None), ((48, 64), 24), ((5, 9), None)])
+@pytest.mark.parametrize("first_col,last_col", [(0, None), (16, 48), (5, 61), (20, 30), (3, 4)])
+def test_apply_scales_per_block_equals_the_elementwise_scale(dtype, shape, head_size, first_col, last_col):
+    """Whole blocks, a last partial block (70 columns), a per-head grid, a tensor smaller than a
+    block, and column slices that start and end on or inside blocks (what a rank reads)."""
+    block = 16
+    w = torch.randn(shape) * 4 ** torch.randn(shape[0], 1)
+    fp8, scale = quantize(w, (block, block), head_size=head_size)
+    grid = per_head_rows(shape[0], block, head_size) if head_size else uniform_rows(shape[0], block)
+    last_col = min(shape[1] if last_col is None else last_col, shape[1])
+    first_col = min(first_col, last_col - 1)
+    piece = fp8[:, first_col:last_col]
+    piece_scale = scale[:, first_col // block:(last_col - 1) // block + 1]  # the scale columns a rank reads
+    out = apply_scales(piece, piece_scale, grid, block, dtype, first_col=first_col)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, scales_gathered_elementwise(piece, piece_scale, grid, block, dtype, first_col))
+
+
+def test_apply_scales_leaves_its_input_alone():
+    fp8, scale = quantize(torch.randn(32, 32), (16, 16))
+    before = fp8.clone()
+    apply_scales(fp8, scale, uniform_rows(32, 16), 16)
+    assert torch.equal(fp8.view(torch.uint8), before.view(torch.uint8))
