@@ -39,9 +39,9 @@ from .tokenizer import Tokenizer
 
 # Decode threads. A small model decodes a token as a few dozen small matrix products: shared over
 # threads, each product waits for its slowest thread, and when another process holds a core that
-# wait is a whole scheduler time slice. `bench/threads.py` on the embedded default, 2 cores, other
-# work running: 1 thread 3.8 tokens/s, 2 threads (torch's default here) 0.4; beside one more busy
-# process 3.6 against 0.3. A large model on an idle machine gains from more: `--threads`.
+# wait is a whole scheduler time slice. `bench/threads.py` measures it (its docstring has the
+# figures): on the embedded default, one thread beats torch's default of one per core, alone and
+# beside a busy process. A large model on an idle machine gains from more: `--threads`.
 DEFAULT_THREADS = 1
 
 
