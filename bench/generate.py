@@ -21,7 +21,8 @@
    the rounds; "paired" ratios are medians of the per-round ratios.
 
 2. KV cache bytes at prompt + new tokens (192): minimimo's `HybridCache.nbytes()` (built as
-   `generate` builds it, `max_length` = prompt + new, and filled by a forward over the sequence),
+   `generate` builds it, `max_length` = prompt + new, and filled by a forward over the sequence:
+   the global buffers grow as tokens arrive, up to `max_length`),
    transformers' `past_key_values` after a `use_cache=True` forward over the same sequence
    (bytes of its key/value tensors, and the bytes of the storage those tensors keep alive), and
    `MiMoConfig.kv_cache_bytes`. Then the formula for the real MiMo-V2-Flash at 4K-256K tokens.
@@ -195,12 +196,11 @@ def bench_cache(args, config, ours, theirs) -> None:
     ids = torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         cache = HybridCache(config, batch, dtype=ours.dtype, device=ours.device, max_length=length)  # as generate
-        before = cache.nbytes()
-        ours(ids, positions=torch.arange(length).expand(batch, length), cache=cache)
+        ours(ids, positions=torch.arange(length).expand(batch, length), cache=cache)  # the global buffers grow here
         mm = {"global": 0, "sliding": 0}
         for i, layer in enumerate(cache.layers):
             mm["sliding" if config.is_sliding(i) else "global"] += layer.nbytes()
-        assert cache.nbytes() == before == mm["global"] + mm["sliding"]
+        assert cache.nbytes() == mm["global"] + mm["sliding"]
         hf = theirs_cache_bytes(theirs(ids, use_cache=True).past_key_values)
         gen = theirs.generate(input_ids=ids[:, :args.prompt], attention_mask=torch.ones(batch, args.prompt, dtype=torch.long),
                               do_sample=False, max_new_tokens=args.new, eos_token_id=None, pad_token_id=PAD,
