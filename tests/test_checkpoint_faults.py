@@ -176,3 +176,22 @@ def test_a_shard_truncated_while_read_is_an_error_naming_it_not_a_crash(ckpt):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, f"exit status {run.returncode} (-7 is SIGBUS): {run.stderr[-2000:]}"
     assert "model_embedding.safetensors: cannot read tensor 'model.embed_tokens.weight'" in run.stdout
+
+
+# ------------------------------------------------------------------ FP8 slices a rank keeps
+def test_fp8_slices_are_cut_on_the_checkpoints_blocks(saved):
+    """A rank's rows take the scale rows covering them (a block cut in half is read by both ranks);
+    a column split inside a block cannot be kept in FP8 and is refused by name."""
+    from minimimo.checkpoint import ShardReader, fp8_slice, read_index
+    from minimimo.hub import tensor_specs
+
+    config = MiMoConfig.from_pretrained(saved)
+    reader, specs = ShardReader(saved, read_index(saved)), tensor_specs(config)
+    name = "model.layers.1.self_attn.k_proj.weight"  # sliding: 2 kv heads x 24 rows, 16-row blocks
+    second = fp8_slice(reader, name, specs[name], config, (24, 48), None)
+    assert second.scale_rows == (1, 3) and second.row_block.tolist() == [0] * 8 + [1] * 16
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert fp8_slice(reader, down, specs[down], config, None, (64, 128)).scale_cols == (4, 8)
+    with pytest.raises(CheckpointError, match=r"model_0.safetensors: this rank's columns 8..16 of "
+                                              r"'model.layers.0.mlp.down_proj.weight' start inside a 16-column"):
+        fp8_slice(reader, down, specs[down], config, None, (8, 16))
