@@ -36,7 +36,7 @@ t_{last+1}, d1, ... in one (k+1)-token forward while plain decoding scores them 
 time; the matrix products then have other shapes and may sum in another order, so a logit can
 differ in its last bits. In float32 on the CPU that has not changed a single argmax here (the
 tests hold speculative == plain greedy token for token, batched, on the bundled checkpoint). In
-bfloat16 (8 bits of mantissa) two near-tied logits can swap, and from there the texts part: still
+bfloat16 (8 significant bits) two near-tied logits can swap, and from there the texts part: still
 the main model's greedy text for *some* rounding, but not the plain loop's. GPU kernels in
 bfloat16 are in general not batch-invariant (a row's result depends on how many rows or tokens
 share the kernel call), so the same holds there; exactness needs float32 or batch-invariant
