@@ -131,6 +131,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, weight_dty
     # 4-5. place, allocate, fill
     device_of, memory_plan = _placement(config, devices, placement, device_memory, keep_fp8, dtype, context,
                                         device or "cpu")
+    if devices is None:  # (a placement over devices was checked by its plan)
+        _check_fits(model, specs, dtype, torch.device(device or "cpu"))
     _allocate(model, specs, dtype, device_of)
     report = _fill(model, checkpoint, specs, dtype, fp8_names, fp8_slices, device_of, shard, progress)
     # 6. report
@@ -516,6 +518,22 @@ def _check_names(weight_map: dict[str, str], specs: dict[str, TensorSpec], direc
         if name.endswith(SCALE_SUFFIX) and base in specs and specs[base].quantizable:
             continue
         raise CheckpointError(f"{directory / file}: unexpected tensor {name!r} (the config has no such parameter)")
+
+
+def _check_fits(model: MiMoForCausalLM, specs: dict[str, TensorSpec], dtype: torch.dtype, device: torch.device):
+    """Before allocating on one CUDA device: the bytes the (meta) model will hold there, FP8
+    buffers, scales and the float32 router included, against the device's free memory. Under
+    tensor parallelism this is the rank's share. (A CPU is not checked: the OS has swap.)"""
+    if device.type != "cuda":
+        return
+    float32 = {s.param for s in specs.values() if s.float32}
+    need = sum(p.numel() * (4 if name in float32 else dtype.itemsize) for name, p in model.named_parameters())
+    need += sum(b.numel() * b.element_size() for b in model.buffers())
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise MemoryError(f"{device}: the weights need {need / 2**30:.2f} GiB, but {free / 2**30:.2f} GiB of its "
+                          f"{total / 2**30:.2f} GiB are free; nothing was allocated. Keep FP8 (weight_dtype='fp8'), "
+                          "use more tensor-parallel ranks, or place the model over several devices (devices=[...])")
 
 
 def _allocate(model: MiMoForCausalLM, specs: dict[str, TensorSpec], dtype: torch.dtype, device_of) -> None:

@@ -195,3 +195,13 @@ def test_fp8_slices_are_cut_on_the_checkpoints_blocks(saved):
     with pytest.raises(CheckpointError, match=r"model_0.safetensors: this rank's columns 8..16 of "
                                               r"'model.layers.0.mlp.down_proj.weight' start inside a 16-column"):
         fp8_slice(reader, down, specs[down], config, None, (8, 16))
+
+
+def test_a_model_too_big_for_its_gpu_is_refused_before_allocation(saved, monkeypatch):
+    """On CUDA the weights' bytes are checked against the device's free memory first (no GPU
+    needed here: the free memory is given, and nothing is allocated because the check refuses)."""
+    model = minimimo.load(saved, dtype=torch.bfloat16, progress=False)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (held - 1, 80 * 2**30))
+    with pytest.raises(MemoryError, match=r"cuda:0: the weights need 0.00 GiB, but 0.00 GiB of its 80.00 GiB"):
+        minimimo.load(saved, device="cuda:0", progress=False)  # bfloat16: the config's dtype on CUDA
