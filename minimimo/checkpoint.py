@@ -124,10 +124,10 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, weight_dty
         model = parallel.sharded_model(shard) if shard else MiMoForCausalLM(config)
     if fp8_names:
         _use_fp8_storage(model, specs, fp8_names, checkpoint.weight_map, directory, config)
-    fp8_slices = {}  # hub name -> FP8Slice: the FP8 weights a rank holds only part of
+    fp8_slices = {}  # hub name -> parallel.FP8Slice: the FP8 weights a rank holds only part of
     if fp8_names and shard:
         parallel.sum_fp8_over_ranks(model)
-        fp8_slices = _slice_fp8_storage(model, checkpoint, specs, fp8_names, shard)
+        fp8_slices = parallel.slice_fp8_storage(model, checkpoint.reader, specs, fp8_names, shard)
     # 4-5. place, allocate, fill
     device_of, memory_plan = _placement(config, devices, placement, device_memory, keep_fp8, dtype, context,
                                         device or "cpu")
@@ -285,59 +285,8 @@ def _fill(model, checkpoint: Checkpoint, specs, dtype, fp8_names, fp8_slices, de
     return report
 
 
-@dataclass(frozen=True)
-class FP8Slice:
-    """The block of an FP8 weight one tensor-parallel rank holds, cut on the weight's own grid:
-    rows [r0, r1) and columns [c0, c1), the scale rows and columns that cover them, and the row
-    grid of the slice (row -> row of the sliced scale)."""
-
-    kind: str  # the grid: "uniform" or "per-head" (`fp8.choose_grid`)
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-    scale_rows: tuple[int, int]
-    scale_cols: tuple[int, int]
-    row_block: torch.Tensor
-
-
-def fp8_slice(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoConfig, rows, cols) -> FP8Slice:
-    """Where a rank's rows/columns of FP8 weight `name` fall on its block grid. A rank whose rows
-    start or end inside a block reads that block's scale row too (the block is shared, as when a
-    rank dequantizes its slice); a column split must fall on a block edge, because `FP8Linear`
-    multiplies whole column blocks."""
-    shape, scale_name = reader.shape(name), name + SCALE_SUFFIX
-    block_c = config.fp8_block[1]
-    try:
-        kind, grid = choose_grid(shape, reader.shape(scale_name), config.fp8_block, head_size=spec.head_size,
-                                 name=name, fp8=lambda: reader.read(name))
-    except ValueError as err:
-        raise CheckpointError(f"{reader.where(scale_name)}: {err}") from None
-    (r0, r1), (c0, c1) = rows or (0, shape[0]), cols or (0, shape[1])
-    if c0 % block_c:
-        raise CheckpointError(f"{reader.where(name)}: this rank's columns {c0}..{c1} of {name!r} start inside a "
-                              f"{block_c}-column FP8 block; keep FP8 under tensor parallelism only where column "
-                              "splits fall on block edges, or load with weight_dtype=None")
-    local = grid[r0:r1]
-    s_r0, s_r1 = int(local.min()), int(local.max()) + 1
-    return FP8Slice(kind, (r0, r1), (c0, c1), (s_r0, s_r1), (c0 // block_c, -(-c1 // block_c)), local - s_r0)
-
-
-def _slice_fp8_storage(model, checkpoint: Checkpoint, specs, fp8_names, shard) -> dict[str, FP8Slice]:
-    """Under tensor parallelism with FP8 kept: each sliced FP8 weight's scale buffer takes the
-    shape of the scale rows and columns the rank reads (still on meta)."""
-    slices = {}
-    for name in sorted(fp8_names):
-        where = shard.ranges[name]
-        if where == "skip" or where == (None, None):
-            continue  # not on this rank, or whole on it (experts): read as without tensor parallelism
-        cut = slices[name] = fp8_slice(checkpoint.reader, name, specs[name], checkpoint.config, *where)
-        module = model.get_submodule(specs[name].param.rpartition(".")[0])
-        scale_shape = (cut.scale_rows[1] - cut.scale_rows[0], cut.scale_cols[1] - cut.scale_cols[0])
-        module.register_buffer("weight" + SCALE_SUFFIX, torch.empty(scale_shape, dtype=torch.float32, device="meta"))
-    return slices
-
-
-def read_fp8_slice(reader: ShardReader, name: str, cut: FP8Slice, report: LoadReport):
-    """A rank's block of an FP8 weight, the scale block covering it and its row grid (`fp8_slice`)."""
+def read_fp8_slice(reader: ShardReader, name: str, cut: parallel.FP8Slice, report: LoadReport):
+    """A rank's block of an FP8 weight, the scale block covering it and its row grid (`parallel.fp8_slice`)."""
     fp8 = reader.read(name, cut.rows, cut.cols)
     scale = reader.read(name + SCALE_SUFFIX, cut.scale_rows, cut.scale_cols)
     if fp8.dtype != FP8 or scale.dtype != torch.float32:

@@ -31,7 +31,7 @@ shared, so both ranks read its scale row).
 
 FP8 kept (`load(path, tensor_parallel=True, weight_dtype="fp8")`): each rank keeps its rows or
 columns in FP8 with the scale rows and columns that cover them and the slice's own row grid
-(`checkpoint.fp8_slice`), so a rank of the real model holds about 1/8 of the 292 GiB release plus
+(`fp8_slice`), so a rank of the real model holds about 1/8 of the 292 GiB release plus
 the replicated tensors; the row-parallel FP8 linears sum over ranks (`AllReduceFP8Linear`).
 """
 
@@ -47,11 +47,11 @@ from einops import rearrange
 from torch import nn
 
 from .config import MiMoConfig
-from .fp8 import FP8Linear
-from .hub import TensorSpec, tensor_specs
+from .fp8 import FP8Linear, choose_grid
+from .hub import SCALE_SUFFIX, TensorSpec, tensor_specs
 from .model import MiMoForCausalLM
 from .moe import MoE
-from .shards import CheckpointError
+from .shards import CheckpointError, ShardReader
 
 T = TypeVar("T")
 
@@ -223,6 +223,58 @@ def sharded_model(plan: ShardPlan) -> MiMoForCausalLM:
         block.self_attn.o_proj = AllReduceLinear(o.in_features, o.out_features, bias=False)
         block.mlp.down_proj = AllReduceLinear(block.mlp.down_proj.in_features, config.hidden_size, bias=False)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Slice:
+    """The block of an FP8 weight one tensor-parallel rank holds, cut on the weight's own grid:
+    rows [r0, r1) and columns [c0, c1), the scale rows and columns that cover them, and the row
+    grid of the slice (row -> row of the sliced scale)."""
+
+    kind: str  # the grid: "uniform" or "per-head" (`fp8.choose_grid`)
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    scale_rows: tuple[int, int]
+    scale_cols: tuple[int, int]
+    row_block: torch.Tensor
+
+
+def fp8_slice(reader: ShardReader, name: str, spec: TensorSpec, config: MiMoConfig, rows, cols) -> FP8Slice:
+    """Where a rank's rows/columns of FP8 weight `name` fall on its block grid. A rank whose rows
+    start or end inside a block reads that block's scale row too (the block is shared, as when a
+    rank dequantizes its slice); a column split must fall on a block edge, because `FP8Linear`
+    multiplies whole column blocks."""
+    shape, scale_name = reader.shape(name), name + SCALE_SUFFIX
+    block_c = config.fp8_block[1]
+    try:
+        kind, grid = choose_grid(shape, reader.shape(scale_name), config.fp8_block, head_size=spec.head_size,
+                                 name=name, fp8=lambda: reader.read(name))
+    except ValueError as err:
+        raise CheckpointError(f"{reader.where(scale_name)}: {err}") from None
+    (r0, r1), (c0, c1) = rows or (0, shape[0]), cols or (0, shape[1])
+    if c0 % block_c:
+        raise CheckpointError(f"{reader.where(name)}: this rank's columns {c0}..{c1} of {name!r} start inside a "
+                              f"{block_c}-column FP8 block; keep FP8 under tensor parallelism only where column "
+                              "splits fall on block edges, or load with weight_dtype=None")
+    local = grid[r0:r1]
+    s_r0, s_r1 = int(local.min()), int(local.max()) + 1
+    return FP8Slice(kind, (r0, r1), (c0, c1), (s_r0, s_r1), (c0 // block_c, -(-c1 // block_c)), local - s_r0)
+
+
+def slice_fp8_storage(model: nn.Module, reader: ShardReader, specs: dict[str, TensorSpec], fp8_names: set[str],
+                      plan: ShardPlan) -> dict[str, FP8Slice]:
+    """Under tensor parallelism with FP8 kept: each sliced FP8 weight's scale buffer takes the
+    shape of the scale rows and columns the rank reads (still on meta)."""
+    slices = {}
+    for name in sorted(fp8_names):
+        where = plan.ranges[name]
+        if where == "skip" or where == (None, None):
+            continue  # not on this rank, or whole on it (experts): read as without tensor parallelism
+        cut = slices[name] = fp8_slice(reader, name, specs[name], plan.config, *where)
+        module = model.get_submodule(specs[name].param.rpartition(".")[0])
+        scale_shape = (cut.scale_rows[1] - cut.scale_rows[0], cut.scale_cols[1] - cut.scale_cols[0])
+        module.register_buffer("weight" + SCALE_SUFFIX, torch.empty(scale_shape, dtype=torch.float32, device="meta"))
+    return slices
 
 
 def same_on_every_rank(read: Callable[[], tuple[T, dict[str, str]]], source: str) -> T:

@@ -182,7 +182,8 @@ def test_a_shard_truncated_while_read_is_an_error_naming_it_not_a_crash(ckpt):
 def test_fp8_slices_are_cut_on_the_checkpoints_blocks(saved):
     """A rank's rows take the scale rows covering them (a block cut in half is read by both ranks);
     a column split inside a block cannot be kept in FP8 and is refused by name."""
-    from minimimo.checkpoint import ShardReader, fp8_slice, read_index
+    from minimimo.checkpoint import ShardReader, read_index
+    from minimimo.parallel import fp8_slice
     from minimimo.hub import tensor_specs
 
     config = MiMoConfig.from_pretrained(saved)
