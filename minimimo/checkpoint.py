@@ -95,9 +95,12 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, weight_dty
         `placement` {unit: device index}; activations move between devices in the forward. The
         plan is checked against `device_memory` (default: each device's memory) for a `context`
         of tokens before anything is allocated.
-    tensor_parallel: under an initialised process group, load this rank's shard (`parallel.py`).
+    tensor_parallel: under an initialised process group, load this rank's shard (`parallel.py`);
+        with weight_dtype="fp8" the rank keeps its slice of every FP8 tensor in FP8.
     """
-    directory = resolve(path)
+    directory = resolve(path)  # 0. a folder, or a hub id fetched into the huggingface_hub cache
+    if tensor_parallel and devices is not None:
+        raise ValueError("tensor_parallel=True puts each rank on its own device; devices=[...] is for one process")
     if weight_dtype not in (None, "fp8"):
         raise ValueError(f"weight_dtype {weight_dtype!r}: use 'fp8' to keep the FP8 tensors in FP8, or None to "
                          f"dequantize them into dtype (the compute dtype: pass dtype={weight_dtype!r} for that)")
