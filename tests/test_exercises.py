@@ -232,6 +232,88 @@ def test_ex_03_4_longest_context(capsys):
 # (course helper B's section: exercises of notebooks 04 to 08)
 
 
+# --------------------------------------------------------------------------- notebook 04
+def test_ex_04_1_active_experts(capsys):
+    right = 256 * (1 - (1 - 8 / 256) ** 32)
+    accepts(checks.check_ex_04_1, right, capsys=capsys)
+    unanswered(checks.check_ex_04_1, None, capsys=capsys)
+    rejects(checks.check_ex_04_1, 256, match="tokens share experts")
+    rejects(checks.check_ex_04_1, 256 - right, match="idle")
+    rejects(checks.check_ex_04_1, 8, match="one token")
+
+
+def test_ex_04_2_softmax_router(capsys):
+    def right(x, weight, bias, top_k):
+        probs = torch.softmax(x.float() @ weight.float().T, dim=-1)
+        ids = (probs + bias).topk(top_k, dim=-1).indices
+        w = probs.gather(1, ids)
+        return w / w.sum(-1, keepdim=True), ids
+
+    def bias_in_logits(x, weight, bias, top_k):
+        probs = torch.softmax(x @ weight.T + bias, dim=-1)
+        ids = probs.topk(top_k, dim=-1).indices
+        w = probs.gather(1, ids)
+        return w / w.sum(-1, keepdim=True), ids
+
+    def biased_weights(x, weight, bias, top_k):
+        scores = torch.softmax(x @ weight.T, dim=-1) + bias
+        ids = scores.topk(top_k, dim=-1).indices
+        w = scores.gather(1, ids)
+        return w / w.sum(-1, keepdim=True), ids
+
+    def not_yet(x, weight, bias, top_k):
+        raise NotImplementedError
+
+    accepts(checks.check_ex_04_2, right, capsys=capsys)
+    rejects(checks.check_ex_04_2, bias_in_logits, match="logits before the softmax")
+    rejects(checks.check_ex_04_2, biased_weights, match="weights include the bias")
+    unanswered(checks.check_ex_04_2, not_yet, capsys=capsys)
+
+
+def test_ex_04_3_no_bias_no_change(capsys):
+    accepts(checks.check_ex_04_3, 0, capsys=capsys)
+    rejects(checks.check_ex_04_3, 0.3, match="increasing in the logit")
+    rejects(checks.check_ex_04_3, 2, match="between 0 and 1")
+
+
+# --------------------------------------------------------------------------- notebook 05
+def test_ex_05_1_acceptance_length(capsys):
+    accepts(checks.check_ex_05_1, 3.439, capsys=capsys)
+    unanswered(checks.check_ex_05_1, None, capsys=capsys)
+    rejects(checks.check_ex_05_1, 2.439, match="bonus token")
+    rejects(checks.check_ex_05_1, 3.7, match="0.9\\^j")
+    rejects(checks.check_ex_05_1, 3.0, match="not 3.0")
+
+
+def test_ex_05_2_accept_rule(capsys):
+    def right(drafts, target):
+        n = int((drafts == target[:len(drafts)]).long().cumprod(0).sum())
+        return torch.cat([drafts[:n], target[n:n + 1]])
+
+    def no_bonus(drafts, target):
+        n = int((drafts == target[:len(drafts)]).long().cumprod(0).sum())
+        return drafts[:n]
+
+    def every_match(drafts, target):      # keeps matches after the first disagreement
+        keep = drafts[drafts == target[:len(drafts)]]
+        return torch.cat([keep, target[len(keep):len(keep) + 1]])
+
+    def not_yet(drafts, target):
+        raise NotImplementedError
+
+    accepts(checks.check_ex_05_2, right, capsys=capsys)
+    rejects(checks.check_ex_05_2, no_bonus, match="without the main model's own next")
+    rejects(checks.check_ex_05_2, every_match, match="first disagreement")
+    unanswered(checks.check_ex_05_2, not_yet, capsys=capsys)
+
+
+def test_ex_05_3_broken_drafter(capsys):
+    accepts(checks.check_ex_05_3, True, 1.2, 2.5, capsys=capsys)
+    rejects(checks.check_ex_05_3, False, 1.2, 2.5, match="cannot change the output")
+    rejects(checks.check_ex_05_3, True, 2.6, 2.5, match="not below")
+    rejects(checks.check_ex_05_3, True, 5, 2.5, match="between 1 and")
+
+
 # --------------------------------------------------------------------------- notebook 06
 def test_ex_06_1_hub_tensor_names(capsys):
     from minimimo.hub import tensor_specs
@@ -311,3 +393,37 @@ def test_ex_07_3_quantizer(capsys):
     def not_yet(weight, block, head_size=None):
         raise NotImplementedError
     unanswered(checks.check_ex_07_3, not_yet, capsys=capsys)
+
+
+# --------------------------------------------------------------------------- notebook 08
+def test_ex_08_1_four_gpus(capsys):
+    accepts(checks.check_ex_08_1, {"4 x 80GiB": False, "4 x 141GB": True}, capsys=capsys)
+    unanswered(checks.check_ex_08_1, None, capsys=capsys)
+    rejects(checks.check_ex_08_1, {"4 x 80GiB": True, "4 x 141GB": True}, match="10% of each device")
+    rejects(checks.check_ex_08_1, {"4 x 80GiB": False, "4 x 141GB": False}, match="planner says")
+    rejects(checks.check_ex_08_1, [False, True], match="give a dict")
+
+
+def test_ex_08_2_plan_for_four_gpus(capsys):
+    from minimimo.plan import plan
+    p = plan(FLASH, devices=4, device_memory="141GB", weight_dtype="fp8")
+    fill = max(row["total"] / row["capacity"] for row in p.per_device())
+    accepts(checks.check_ex_08_2, (p.placement["mtp.0"], fill), capsys=capsys)
+    rejects(checks.check_ex_08_2, (0, fill), match="come last")
+    rejects(checks.check_ex_08_2, (p.placement["mtp.0"], fill / 0.9), match="not over the 90%")
+    rejects(checks.check_ex_08_2, (p.placement["mtp.0"], 57), match="percentage")
+
+
+def test_ex_08_3_kv_copies(capsys):
+    def right(heads, kv, world):
+        return [max(1, world // kv)] * kv
+
+    def never_replicated(heads, kv, world):
+        return [1] * kv
+
+    def not_yet(heads, kv, world):
+        raise NotImplementedError
+
+    accepts(checks.check_ex_08_3, right, capsys=capsys)
+    rejects(checks.check_ex_08_3, never_replicated, match="needs its own copy")
+    unanswered(checks.check_ex_08_3, not_yet, capsys=capsys)

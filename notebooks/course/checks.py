@@ -496,6 +496,160 @@ def check_ex_03_4(longest_context):
 # (course helper B's section: exercises of notebooks 04 to 08; keep new checks of 00-03 above this line)
 
 
+# --------------------------------------------------------------------------- notebook 04
+def check_ex_04_1(answer):
+    """Expected active experts for 32 decode tokens, 256 experts, top-8, balanced routing."""
+    if _unanswered(answer, "e (1 - (1 - k/e)^n) with e = 256, k = 8, n = 32."):
+        return False
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        _wrong(f"give a number, got {type(answer).__name__}")
+    e, k, n = 256, 8, 32
+    right = e * (1 - (1 - k / e) ** n)
+    if abs(answer - right) <= 1.5:
+        return _correct(f"about {right:.0f} of 256 experts ({right / e:.0%}): 32 tokens already touch most of the "
+                        "layer, so batching decode steps quickly makes the expert weights a full read again.")
+    if abs(answer - k * n) < 0.5:
+        _wrong("8 x 32 = 256 counts every (token, expert) pair as a different expert; tokens share experts. The chance "
+               "that one expert gets none of the 32 tokens is (1 - 8/256)^32.")
+    if abs(answer - k) < 0.5:
+        _wrong("8 is one token's experts; 32 tokens each pick their own 8.")
+    if abs(answer - e * (1 - k / e) ** n) <= 1.5:
+        _wrong(f"{answer:.0f} is the expected number of *idle* experts; the question asks how many run.")
+    _wrong(f"not {answer}: e (1 - (1 - k/e)^n) = 256 (1 - (248/256)^32).")
+
+
+def _softmax_reference(x, weight, bias, top_k):
+    import torch
+    probs = torch.softmax(x.float() @ weight.float().T, dim=-1)
+    ids = (probs + bias.float()).topk(top_k, dim=-1).indices
+    weights = probs.gather(1, ids)
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+def check_ex_04_2(softmax_route):
+    """softmax scores, bias for the choice only, weights = unbiased probabilities normalised over the k."""
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(256, 32, generator=gen), torch.randn(16, 32, generator=gen) / 32 ** 0.5
+    bias = 0.02 * torch.randn(16, generator=gen)
+    try:
+        got = softmax_route(x, weight, bias, 4)
+    except NotImplementedError:
+        print("not answered yet. Hint: probs = softmax(x @ W^T) in float32; ids = top-k of probs + bias; "
+              "weights = probs of the chosen experts divided by their sum.")
+        return False
+    try:
+        weights, ids = got
+    except (TypeError, ValueError):
+        _wrong("return a pair (gate_weights [n, k], expert_ids [n, k])")
+    want_w, want_i = _softmax_reference(x, weight, bias, 4)
+    if tuple(ids.shape) != (256, 4) or tuple(weights.shape) != (256, 4):
+        _wrong(f"expected [256, 4] weights and ids, got {list(weights.shape)} and {list(ids.shape)}")
+    same_sets = torch.equal(ids.sort(-1).values, want_i.sort(-1).values)
+    if not same_sets:
+        with_bias_in_logits = torch.softmax(x @ weight.T + bias, -1).topk(4, -1).indices
+        if torch.equal(ids.sort(-1).values, with_bias_in_logits.sort(-1).values):
+            _wrong("you added the bias to the logits before the softmax. The rule adds it to the *scores* (the "
+                   "probabilities), like the sigmoid router adds it to the sigmoid scores.")
+        no_bias = torch.softmax(x @ weight.T, -1).topk(4, -1).indices
+        if torch.equal(ids.sort(-1).values, no_bias.sort(-1).values):
+            _wrong("the bias did not take part in the choice: rank experts by probability + bias.")
+        _wrong(f"{int((ids.sort(-1).values != want_i.sort(-1).values).any(-1).sum())} of 256 tokens chose other experts "
+               "than probability + bias would.")
+    order, want_order = ids.argsort(-1), want_i.argsort(-1)
+    w, ww = weights.float().gather(1, order), want_w.gather(1, want_order)
+    if torch.allclose(w, ww, atol=1e-5):
+        return _correct("softmax scores, the bias only in the choice, weights normalised over the chosen experts.")
+    biased = (torch.softmax(x @ weight.T, -1) + bias).gather(1, want_i)
+    if torch.allclose(w, (biased / biased.sum(-1, keepdim=True)).gather(1, want_order), atol=1e-5):
+        _wrong("the weights include the bias; the bias only chooses, the weights come from the unbiased probabilities.")
+    if torch.allclose(w, torch.softmax(x @ weight.T, -1).gather(1, want_i).gather(1, want_order), atol=1e-5):
+        _wrong("the weights are the raw probabilities; normalise them over the k chosen experts (they sum to one).")
+    _wrong("the experts are right but the weights are not: probs of the chosen experts divided by their sum.")
+
+
+def check_ex_04_3(answer):
+    """Without a bias, softmax and sigmoid routers choose the same experts."""
+    if _unanswered(answer, "both the sigmoid and the softmax are increasing functions of an expert's logit."):
+        return False
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)) or not 0 <= answer <= 1:
+        _wrong(f"give a fraction between 0 and 1, got {answer!r}")
+    if answer == 0:
+        return _correct("none: sigmoid(z) and softmax(z) rank the experts of a token exactly as the logits z do, so the "
+                        "top-k without a bias is the same set (only the weights differ). With the learned bias the "
+                        "choice changes for many tokens: a bias of a few hundredths is small next to sigmoid scores in "
+                        "(0, 1) but large next to softmax probabilities of about 1/256.")
+    _wrong(f"{answer} is not what happens: both functions are increasing in the logit, so for one token they rank the "
+           "experts in the same order. Measure it (bias = zeros) if you are not convinced; ties aside the answer is exact.")
+
+
+# --------------------------------------------------------------------------- notebook 05
+def check_ex_05_1(answer):
+    """Expected tokens per cycle with 3 drafts and a_j = 0.9."""
+    if _unanswered(answer, "tau = 1 + a0 + a0 a1 + a0 a1 a2: the bonus token always comes, draft j only if all before it did."):
+        return False
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        _wrong(f"give a number, got {type(answer).__name__}")
+    right = 1 + 0.9 + 0.9 ** 2 + 0.9 ** 3
+    if abs(answer - right) < 0.01:
+        return _correct(f"tau = 1 + 0.9 + 0.81 + 0.729 = {right:.3f}: close to the paper's 3.6 at k = 3, which needs "
+                        "a little more than 90% agreement per block.")
+    if abs(answer - (right - 1)) < 0.01:
+        _wrong("you left out the bonus token: every cycle ends with one token of the main model's own, accepted or not.")
+    if abs(answer - (1 + 3 * 0.9)) < 0.01:
+        _wrong("3.7 counts each draft with probability 0.9 on its own; draft j is only kept if every draft before it was "
+               "kept, so its term is 0.9^j.")
+    if abs(answer - 0.9 ** 3 * 4) < 0.01:
+        _wrong("that is 4 tokens times the chance that all three drafts pass; cycles that stop early still yield tokens.")
+    _wrong(f"not {answer}: sum the chance of keeping each draft (0.9, 0.9^2, 0.9^3) and add 1 for the bonus token.")
+
+
+def check_ex_05_2(accept):
+    """accept(drafts [k], target [k+1]) -> new tokens: the agreeing prefix + the main model's next token."""
+    import torch
+    cases = [([5, 6, 7], [5, 6, 9, 1], [5, 6, 9], "two drafts agree, the third does not"),
+             ([5, 6, 7], [5, 6, 7, 8], [5, 6, 7, 8], "every draft agrees"),
+             ([5, 6, 7], [4, 6, 7, 8], [4], "the first draft is wrong (the later ones agree by chance)"),
+             ([3], [3, 2], [3, 2], "k = 1")]
+    for drafts, target, want, label in cases:
+        try:
+            got = accept(torch.tensor(drafts), torch.tensor(target))
+        except NotImplementedError:
+            print("not answered yet. Hint: count the leading positions where drafts == target[:k] (a cumulative "
+                  "product of the matches), keep that many drafts, then append target[count].")
+            return False
+        got = [int(x) for x in (got.tolist() if isinstance(got, torch.Tensor) else got)]
+        if got == want:
+            continue
+        if got == want[:-1]:
+            _wrong(f"{label}: drafts {drafts}, target {target}: you returned {got} without the main model's own next "
+                   f"token {want[-1]}; a cycle always ends with it (that is why it yields at least one token).")
+        if len(got) > len(want):
+            _wrong(f"{label}: drafts {drafts}, target {target}: you returned {got}. Drafts after the first disagreement "
+                   "were guessed from a wrong prefix and must be dropped, even when they happen to match.")
+        _wrong(f"{label}: drafts {drafts}, target {target}: expected {want}, got {got}.")
+    return _correct("the longest agreeing prefix of the drafts, then the main model's token at the first "
+                    "disagreement (or after the last draft): 1 to k + 1 tokens, all the main model's own choices.")
+
+
+def check_ex_05_3(still_greedy, tokens_per_cycle, correct_tokens_per_cycle):
+    """A drafter fed the wrong token: output unchanged, acceptance down."""
+    if _unanswered(still_greedy, "run the broken cycle 20 times, compare with minimimo.generate(model, prompt, n)."):
+        return False
+    if still_greedy is not True and still_greedy is not False:
+        _wrong(f"still_greedy should be True or False, got {still_greedy!r}")
+    if still_greedy is False:
+        _wrong("a wrong drafter cannot change the output: every kept token is the main model's argmax. If your tokens "
+               "differ, compare the same number of new tokens, starting from the same prompt.")
+    if not isinstance(tokens_per_cycle, (int, float)) or not 1 <= tokens_per_cycle <= 4:
+        _wrong(f"tokens per cycle is between 1 and k + 1 = 4, got {tokens_per_cycle!r}")
+    if tokens_per_cycle >= correct_tokens_per_cycle:
+        _wrong(f"{tokens_per_cycle:.2f} tokens per cycle is not below the correct drafter's "
+               f"{correct_tokens_per_cycle:.2f}: check that your copy of `cycle` really feeds chain[:, j:j + 1 + last].")
+    return _correct(f"still plain greedy, but {tokens_per_cycle:.2f} instead of {correct_tokens_per_cycle:.2f} tokens per "
+                    "cycle: a drafter off by one position guesses the wrong token, which costs speed, never correctness.")
+
+
 # --------------------------------------------------------------------------- notebook 06
 def check_ex_06_1(answer):
     """Tensor names in the index of MiMo-V2-Flash (main model + 3 MTP blocks), without _scale_inv."""
@@ -693,3 +847,72 @@ def check_ex_07_3(quantize):
             _wrong(f"{label}: scales must be positive and |fp8| at most 448.")
     return _correct("both grids: right scale shapes, every block reaches 448, and dequantize(quantize(w)) is within "
                     "e4m3's rounding of w.")
+
+
+# --------------------------------------------------------------------------- notebook 08
+def _flash_plan(devices, memory):
+    from minimimo.plan import plan
+    return plan(_flash(), devices=devices, device_memory=memory, weight_dtype="fp8")
+
+
+def check_ex_08_1(answer):
+    """Does FP8 Flash fit on 4 x 80 GiB / 4 x 141 GB with layer placement and 10% headroom?"""
+    if _unanswered(answer, "291.6 GiB of FP8 weights against 4 x 90% of each device's memory; then plan(flash, devices=4, ...)."):
+        return False
+    if not isinstance(answer, dict) or set(answer) != {"4 x 80GiB", "4 x 141GB"}:
+        _wrong('give a dict {"4 x 80GiB": True/False, "4 x 141GB": True/False}')
+    right = {"4 x 80GiB": _flash_plan(4, "80GiB").fits, "4 x 141GB": _flash_plan(4, "141GB").fits}
+    if answer == right:
+        return _correct("4 x 80 GiB does not fit (291.6 GiB of weights > 4 x 72 GiB usable, before whole-layer "
+                        "granularity even matters); 4 x 141 GB fits with room for the KV cache.")
+    if answer["4 x 80GiB"] and not right["4 x 80GiB"]:
+        _wrong("4 x 80 GiB = 320 GiB looks enough for 291.6 GiB, but the plan keeps 10% of each device free for "
+               "activations: 4 x 72 GiB = 288 GiB usable. Run plan(flash, devices=4, device_memory='80GiB', "
+               "weight_dtype='fp8') and read its table.")
+    _wrong(f"the planner says {right}. 4 x 141 GB is 525 GiB, 472 GiB usable: plenty for 291.6 GiB.")
+
+
+def check_ex_08_2(answer):
+    """The 4 x 141 GB FP8 plan: device of the MTP blocks, fill of the fullest device."""
+    if _unanswered(answer, "p = plan(...); p.placement['mtp.0'] and max(row['total'] / row['capacity'] for row in p.per_device())."):
+        return False
+    try:
+        device, fraction = answer
+    except (TypeError, ValueError):
+        _wrong(f"give a pair (device index, fraction), got {answer!r}")
+    p = _flash_plan(4, "141GB")
+    right_device = p.placement["mtp.0"]
+    right_fill = max(row["total"] / row["capacity"] for row in p.per_device())
+    if device != right_device:
+        _wrong(f"device {device} does not hold them: the units run in forward order (embedding, layers, head, MTP), so "
+               f"the MTP blocks come last, on device {right_device}.")
+    if fraction > 1.5:
+        _wrong(f"{fraction} looks like a percentage or GiB; give the fraction total / memory (e.g. 0.5).")
+    if abs(fraction - right_fill) > 0.01:
+        _wrong(f"the fullest device is {right_fill:.2f} full, not {fraction:.2f}: total (weights + KV) over its memory, "
+               "not over the 90% usable part.")
+    return _correct(f"device {right_device}, and the fullest device is {right_fill:.0%} full: half of the FP8 model per "
+                    "device leaves room for many long KV caches.")
+
+
+def check_ex_08_3(kv_copies):
+    """kv_copies(H, G, world) -> ranks holding each kv head, vs parallel.head_shard."""
+    from minimimo.parallel import head_shard
+    cases = [(64, 4, world) for world in (2, 4, 8, 16)] + [(64, 8, world) for world in (2, 4, 8, 16)]
+    for heads, kv, world in cases:
+        shards = [head_shard(heads, kv, r, world, "layer") for r in range(world)]
+        right = [sum(s.k0 <= g < s.k1 for s in shards) for g in range(kv)]
+        try:
+            got = kv_copies(heads, kv, world)
+        except NotImplementedError:
+            print("not answered yet. Hint: for each rank take owned_heads(...)[1] (its kv heads) and count, per kv head, "
+                  "the ranks that hold it.")
+            return False
+        got = list(got)
+        if got != right:
+            if all(c == 1 for c in got) and world > kv:
+                _wrong(f"{heads} q / {kv} kv heads on {world} ranks: with fewer kv heads than ranks, each kv head is read "
+                       f"by the query heads of {world // kv} ranks, and each of them needs its own copy. Expected {right}.")
+            _wrong(f"{heads} q / {kv} kv heads on {world} ranks: expected {right}, got {got}.")
+    return _correct("kv heads are split while there are at least as many as ranks, and replicated world / kv times "
+                    "when there are fewer (Flash's global layers on 8 ranks: every kv head twice).")

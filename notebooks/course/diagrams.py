@@ -181,3 +181,101 @@ def ring_read_before_write(window=4, position=9):
                  fontsize=11)
     fig.tight_layout()
     return fig
+
+
+# --- notebooks 04-08 ---
+# (course helper B's section: the MTP block wiring and the draft/verify cycle, notebook 05)
+
+
+def mtp_block(config):
+    """Left: one MTP block, inputs to logits. Right: the three blocks chained on tokens at draft time."""
+    g = config.attention(None)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6.6), gridspec_kw={"width_ratios": [1.15, 1]})
+    for ax in (left, right):
+        ax.set_xlim(0, 10); ax.set_ylim(0, 13); ax.axis("off")
+
+    # left: one block, bottom to top
+    _box(left, 2.4, 0.7, 3.6, 0.8, "token t(q+k+1)", "white", "black")
+    _box(left, 7.4, 0.7, 3.8, 0.8, "main model's h(q)\n(residual stream, pre-norm)", "white", "black", fontsize=8.5)
+    _box(left, 2.4, 2.0, 3.6, 0.8, "embed_tokens (shared)", COLORS["light"], "black", fontsize=8.5)
+    _box(left, 2.4, 3.2, 2.6, 0.7, "enorm", "#cccccc", "black")
+    _box(left, 7.4, 3.2, 2.6, 0.7, "hnorm", "#cccccc", "black")
+    _box(left, 4.9, 4.6, 6.4, 0.9, f"concat [embedding ; hidden]  ->  eh_proj  ({2 * config.hidden_size} -> {config.hidden_size})",
+         "#5b7fa6", fontsize=8.5)
+    _box(left, 4.9, 6.1, 2.6, 0.7, "RMSNorm", "#cccccc", "black")
+    window = "all" if g.window is None else g.window
+    _box(left, 4.9, 7.4, 5.6, 1.0, f"sliding attention: window {window}, sink per head,\nRoPE θ {g.rope_theta:.0e} at position q",
+         COLORS["sliding"], "black", fontsize=8.5)
+    left.add_patch(plt.Circle((4.9, 8.55), 0.28, fc="white", ec="black")); left.text(4.9, 8.55, "+", ha="center", va="center")
+    _box(left, 4.9, 9.55, 2.6, 0.7, "RMSNorm", "#cccccc", "black")
+    _box(left, 4.9, 10.65, 4.4, 0.8, f"dense SwiGLU ({config.intermediate_size})", COLORS["dense"], fontsize=8.5)
+    left.add_patch(plt.Circle((4.9, 11.6), 0.28, fc="white", ec="black")); left.text(4.9, 11.6, "+", ha="center", va="center")
+    _box(left, 4.9, 12.45, 6.2, 0.7, "final_layernorm -> lm_head (shared) -> logits for t(q+k+2)", COLORS["light"],
+         "black", fontsize=8.5)
+    for (x0, y0), (x1, y1) in [((2.4, 1.1), (2.4, 1.6)), ((2.4, 2.4), (2.4, 2.85)), ((7.4, 1.1), (7.4, 2.85)),
+                               ((2.4, 3.55), (3.2, 4.15)), ((7.4, 3.55), (6.6, 4.15)), ((4.9, 5.05), (4.9, 5.75)),
+                               ((4.9, 6.45), (4.9, 6.9)), ((4.9, 7.9), (4.9, 8.27)), ((4.9, 8.83), (4.9, 9.2)),
+                               ((4.9, 9.9), (4.9, 10.25)), ((4.9, 11.05), (4.9, 11.32)), ((4.9, 11.88), (4.9, 12.1))]:
+        _arrow(left, (x0, y0), (x1, y1))
+    for y0, y1 in [(5.4, 8.55), (8.9, 11.6)]:                      # residuals
+        left.plot([4.9, 1.2, 1.2], [y0, y0, y1], color="#888888", lw=1.3)
+        _arrow(left, (1.2, y1), (4.62, y1), color="#888888")
+    left.set_title("MTP block k at position q (u = eh_proj output; two residual updates)", fontsize=10.5)
+
+    # right: chaining at draft time
+    right.text(5, 12.3, "drafting after the main model's last position 'last'", ha="center", fontsize=10)
+    _box(right, 5, 0.9, 7.6, 0.8, "main model: h(last), and its own next token t(last+1)", "#1f4e79", fontsize=9)
+    colors = [COLORS["sliding"], "#e9c46a", "#f4a2a2"]
+    for k in range(3):
+        y = 3.2 + 3.0 * k
+        token = "t(last+1)" if k == 0 else f"d{k}"
+        _box(right, 5, y, 4.2, 1.1, f"MTP block {k}\nreads h(last) and {token}", colors[k], "black", fontsize=9)
+        _box(right, 8.6, y + 1.45, 1.5, 0.7, f"d{k + 1}", "white", "black")
+        _arrow(right, (7.1, y + 0.3), (8.6, y + 1.1))
+        right.plot([1.0, 1.0], [1.3, y], color="#1f4e79", lw=1.2)
+        _arrow(right, (1.0, y), (2.9, y), color="#1f4e79")
+        if k:                                                      # the previous draft is this block's token
+            _arrow(right, (8.6, y - 3.0 + 1.8), (7.1, y - 0.1), rad=0.2)
+    _arrow(right, (5, 1.3), (5, 2.65))
+    right.text(0.75, 6.5, "same h(last) for every block", rotation=90, color="#1f4e79", fontsize=8.5, va="center", ha="right")
+    right.text(5, 11.45, "each block drafts from the previous draft (a chain on tokens, not on hidden states)",
+               ha="center", fontsize=8.5)
+    right.set_title(f"the {config.num_mtp_layers} blocks at draft time", fontsize=10.5)
+    fig.tight_layout()
+    return fig
+
+
+def draft_verify_cycle(drafts=("d1", "d2", "d3"), accepted=2):
+    """One greedy cycle: k drafts, one main forward on k+1 tokens, keep the agreeing prefix + one bonus."""
+    k = len(drafts)
+    fig, ax = plt.subplots(figsize=(12.5, 4.6))
+    ax.set_xlim(-0.2, 11.2); ax.set_ylim(-0.6, 5.4); ax.axis("off")
+    known = ["...", "t(last-1)", "t(last)"]
+    for i, text in enumerate(known):
+        _box(ax, 0.6 + i * 1.3, 4.4, 1.15, 0.7, text, COLORS["light"], "black", fontsize=8.5)
+    _box(ax, 0.6 + 3 * 1.3, 4.4, 1.15, 0.7, "t(last+1)", "#1f4e79", fontsize=8.5)
+    for j, d in enumerate(drafts):
+        _box(ax, 0.6 + (4 + j) * 1.3, 4.4, 1.15, 0.7, d, COLORS["sliding"], "black")
+    ax.text(10.9, 4.4, "1. draft: the MTP blocks\nguess k tokens", fontsize=9, va="center", ha="right")
+    x0, x1 = 0.6 + 3 * 1.3 - 0.6, 0.6 + (3 + k) * 1.3 + 0.6
+    _box(ax, (x0 + x1) / 2, 2.9, x1 - x0, 0.8, f"2. verify: ONE main-model forward on these {k + 1} tokens", "#5b7fa6",
+         fontsize=9)
+    for j in range(k + 1):
+        x = 0.6 + (3 + j) * 1.3
+        _arrow(ax, (x, 4.03), (x, 3.32))
+        _arrow(ax, (x, 2.48), (x, 1.85))
+        _box(ax, x, 1.45, 1.15, 0.7, f"a{j + 1}", "white", "black")
+    for j in range(k):
+        x = 0.6 + (4 + j) * 1.3
+        ok = j < accepted
+        state = "=" if ok else ("≠" if j == accepted else "not checked")
+        color = COLORS["dense"] if ok else (COLORS["moe"] if j == accepted else "grey")
+        ax.text(x, 0.55, f"d{j + 1} {state} a{j + 1}" if state != "not checked" else "(not checked)", ha="center",
+                fontsize=8.5, color=color)
+    ax.text(0.1, 1.45, "main model's\nargmax after\neach position", fontsize=8.5, va="center")
+    kept = [d for d in drafts[:accepted]] + [f"a{accepted + 1}"]
+    ax.text(5.6, -0.35, f"3. keep the agreeing drafts and the main model's next token: {' '.join(kept)}  "
+            f"({accepted + 1} tokens for one forward; between 1 and {k + 1})", ha="center", fontsize=9.5)
+    ax.set_title("one greedy draft-and-verify cycle (every kept token is the main model's own argmax)", fontsize=10.5)
+    fig.tight_layout()
+    return fig

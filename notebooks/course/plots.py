@@ -267,6 +267,164 @@ def kv_measured(measured, formula, title):
 # (course helper B's section: figures of notebooks 04 to 08)
 
 
+# ---------------------------------------------------------------- notebook 04
+def moe_groups(biased, group_score, kept, chosen, chosen_without_groups, per_group, token):
+    """One token's biased scores, coloured by group (grey = group dropped), chosen experts outlined."""
+    n_experts, n_groups = len(biased), len(group_score)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
+    top = max(biased) * 1.3
+    for e, v in enumerate(biased):
+        g = e // per_group
+        ax.bar(e, v, color=colors[g % len(colors)] if g in kept else "lightgrey",
+               edgecolor="black" if e in chosen else "none", linewidth=2)
+    for e in chosen_without_groups:
+        if e not in chosen:
+            ax.annotate(f"in the top-{len(chosen)}\nwithout groups", (e + 0.3, biased[e]), xytext=(e + 1.2, biased[e] * 1.02),
+                        fontsize=8, va="center", arrowprops=dict(arrowstyle="->"))
+    for g in range(n_groups):
+        ax.axvline(g * per_group - 0.5, color="black", linewidth=0.5)
+        ax.text(g * per_group + (per_group - 1) / 2, top * 0.98, f"group {g}: score {group_score[g]:.2f}" +
+                (" (kept)" if g in kept else ""), ha="center", va="top", fontsize=8)
+    ax.set_ylim(0, top); ax.set_xticks(range(n_experts))
+    ax.set_xlabel("expert"); ax.set_ylabel("biased score s + b")
+    ax.set_title(f"token {token}: {n_groups} groups, best {len(kept)} kept (coloured), {len(chosen)} experts chosen "
+                 "(black outline)")
+    fig.tight_layout()
+    return fig
+
+
+def moe_load(load_before, load_after, tokens, top_k, rounds, imbalance, rate, labels=("without bias", None)):
+    """Left: every expert's load on a fresh batch, before and after balancing. Right: imbalance per round."""
+    n_experts = len(load_before)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 1.2]})
+    order = load_before.argsort(descending=True)
+    ax.bar(range(n_experts), load_before[order], width=1.0, color="tab:red", alpha=0.55, label=labels[0])
+    ax.bar(range(n_experts), load_after[order], width=1.0, color="tab:blue", alpha=0.7,
+           label=labels[1] or f"with bias ({rounds} rounds)")
+    ax.axhline(tokens * top_k / n_experts, color="black", linestyle="--", linewidth=1,
+               label=f"balanced: n k / e = {tokens * top_k // n_experts}")
+    ax.set_xlabel("expert (sorted by load without bias)"); ax.set_ylabel("tokens routed to the expert")
+    ax.set_title(f"load of {n_experts} experts, top-{top_k}, on a fresh batch of {tokens} tokens"); ax.legend()
+    if imbalance:
+        ax2.plot(range(1, len(imbalance) + 1), imbalance, marker="o", markersize=3)
+        ax2.axhline(1, color="black", linestyle="--", linewidth=1)
+        ax2.set_xlabel("round of the bias update"); ax2.set_ylabel("max load / mean load")
+        ax2.set_title(f"u = {rate}, training batch")
+    else:
+        ax2.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def moe_active_experts(n_tokens, measured, expected, n_experts, top_k, expert_bytes):
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    ax.plot(n_tokens, measured, "o", label="measured (balanced router)")
+    ax.plot(n_tokens, expected, "-", color="tab:grey", label=r"$e\,(1-(1-k/e)^n)$")
+    ax.axhline(n_experts, color="tab:red", linestyle="--", label=f"loop over all {n_experts} experts")
+    ax.axhline(top_k, color="tab:green", linestyle=":", label=f"k = {top_k} (one token)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n_tokens[::2], [str(n) for n in n_tokens[::2]])
+    ax.set_xlabel("tokens in the step (n)"); ax.set_ylabel("experts that receive tokens")
+    ax.set_title(f"experts that run in one MoE layer ({n_experts} experts, top-{top_k})")
+    secondary = ax.secondary_yaxis("right", functions=(lambda a: a * expert_bytes / 1e9, lambda g: g * 1e9 / expert_bytes))
+    secondary.set_ylabel("FP8 expert weights read (GB / layer)")
+    ax.legend(loc="center right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- notebook 05
+MTP_STATES = {"accepted": "#9bd59b", "rejected": "#f2a0a0", "not reached": "#e3e3e3", "bonus": "#a9cdea"}
+
+
+def mtp_cycles(trace, show, k):
+    """trace: [{"drafts": [k ids], "target": [k+1 ids], "accepted": n}] per cycle; show(id) -> visible text."""
+    fig, ax = plt.subplots(figsize=(2.2 * (k + 1) + 1.2, 0.34 * len(trace) + 1.3))
+    for i, t in enumerate(trace):
+        a = t["accepted"]
+        for j in range(k + 1):
+            if j < k:
+                state = "accepted" if j < a else "rejected" if j == a else "not reached"
+                text = show(t["drafts"][j])
+            else:
+                state, text = "bonus", show(t["target"][a])
+            ax.add_patch(plt.Rectangle((j, i), 0.96, 0.92, color=MTP_STATES[state]))
+            ax.text(j + 0.48, i + 0.46, text[:14], ha="center", va="center", family="monospace", fontsize=8,
+                    color="#777777" if state == "not reached" else "black")
+        ax.text(k + 1.1, i + 0.46, f"+{a + 1}", va="center", fontsize=8)
+    ax.set_xlim(0, k + 1.5); ax.set_ylim(len(trace), 0)
+    ax.set_xticks([j + 0.48 for j in range(k + 1)], [f"block {j} draft" for j in range(k)] + ["bonus (main)"])
+    ax.xaxis.tick_top()
+    ax.set_yticks([i + 0.46 for i in range(len(trace))], [f"cycle {i}" for i in range(len(trace))], fontsize=8)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.tick_params(length=0)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in MTP_STATES.values()]
+    ax.legend(handles, [f"draft {s}" if s != "bonus" else "bonus token" for s in MTP_STATES], loc="upper center",
+              bbox_to_anchor=(0.5, -0.01), ncol=4, frameon=False, fontsize=8)
+    total = sum(t["accepted"] + 1 for t in trace)
+    ax.set_title(f"k = {k}: {len(trace)} cycles, {total} tokens from {len(trace)} main forwards "
+                 f"(right: tokens per cycle)", fontsize=9, pad=24)
+    fig.tight_layout()
+    return fig
+
+
+def acceptance_histograms(accept, mean_accept, prompts, new_tokens):
+    """accept {k: [tokens per cycle]} for k >= 1, one panel per k."""
+    ks = sorted(accept)
+    fig, axes = plt.subplots(1, len(ks), figsize=(3.7 * len(ks), 3.1), sharey=True)
+    for ax, k in zip(axes, ks):
+        shares = [accept[k].count(n) / len(accept[k]) for n in range(1, k + 2)]
+        ax.bar(range(1, k + 2), shares, color="#5b8fc9")
+        ax.axvline(mean_accept[k], color="black", ls="--", lw=1)
+        ax.text(mean_accept[k] + 0.06, 0.9 * max(shares), f"mean {mean_accept[k]:.2f}", fontsize=8)
+        ax.set_xticks(range(1, k + 2)); ax.set_xlabel("tokens per main forward")
+        ax.set_title(f"k = {k} drafts ({len(accept[k])} cycles)", fontsize=9)
+    axes[0].set_ylabel("fraction of cycles")
+    fig.suptitle(f"Acceptance length on held-out code, {prompts} prompts x {new_tokens} greedy tokens "
+                 "(paper, k = 3: up to 3.6)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def mtp_speedup(ks, mean_accept, speedup, predicted, paper_tau=3.6, paper_speedup=2.6):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    ax1.plot(ks, [k + 1 for k in ks], ":", color="grey", label="ceiling k + 1")
+    ax1.plot(ks, [mean_accept[k] for k in ks], "o-", color="#5b8fc9", label="measured (this model)")
+    ax1.plot([3], [paper_tau], "*", ms=12, color="#d1495b", label="MiMo-V2-Flash, paper")
+    ax1.set_xlabel("drafted tokens k"); ax1.set_ylabel("tokens per main forward"); ax1.set_xticks(ks)
+    ax1.set_title("Acceptance length", fontsize=10); ax1.legend(fontsize=8)
+    ax2.axhline(1, color="grey", lw=0.8)
+    ax2.plot(ks, [speedup[k] for k in ks], "o-", color="#5b8fc9", label="measured wall-clock (CPU)")
+    ax2.plot(ks[1:], [predicted[k] for k in ks[1:]], "s--", color="#8a8a8a", mfc="none", label="cost model")
+    ax2.plot([3], [paper_speedup], "*", ms=12, color="#d1495b", label="MiMo-V2-Flash, paper")
+    ax2.set_xlabel("drafted tokens k"); ax2.set_ylabel("speed-up over plain greedy"); ax2.set_xticks(ks)
+    ax2.set_title("Decode speed-up, batch 1", fontsize=10); ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def mtp_entropy(fit, binned, x_greedy, per_prompt, x_text):
+    """The paper's fit of acceptance against entropy, and this model's measurements."""
+    import torch
+    xs = torch.linspace(0, 5, 300)
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    ax.plot(xs, fit(xs), color="#d1495b", label=r"paper's fit $4(1 - 0.58\,x^{0.58})$ (MiMo-V2-Flash)")
+    ax.plot([0.048], [3.6], "*", ms=12, color="#d1495b")
+    ax.annotate("3.6 tokens", (0.048, 3.6), (0.25, 3.75), fontsize=8)
+    ax.axhline(1, color="grey", lw=0.8, ls=":"); ax.text(4.97, 0.85, "floor: 1 token per forward", ha="right", fontsize=7.5)
+    ax.axhline(4, color="grey", lw=0.8, ls=":"); ax.text(4.97, 4.07, "ceiling: 3 drafts + bonus", ha="right", fontsize=7.5)
+    ax.plot(*zip(*binned), "o-", color="#5b8fc9", label="this model, cycles binned by entropy of their targets")
+    ax.scatter(x_greedy, per_prompt, marker="s", color="#2c5d8f", zorder=3, label="this model, measured, one per prompt")
+    ax.axvline(x_text, color="#5b8fc9", ls="--", lw=1, label="this model's entropy on the real held-out code")
+    ax.set_xlabel("main-model next-token entropy x (nats)"); ax.set_ylabel("acceptance length, k = 3")
+    ax.set_xlim(0, 5); ax.set_ylim(0, 4.4)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------- notebook 07
 def hidden_state_errors(errors, bf16=(), floor=1e-9, tolerance=1e-4):
     """errors {case: [max |diff| of hidden state K]} on a log scale; bf16 cases dashed; 0 drawn at the floor."""
@@ -309,5 +467,126 @@ def fp8_grids(magnitude, grids, misses, block, head_size, name):
         ax.set_xlabel("input column")
     axes[0].set_ylabel("row (orange: kv head boundary)")
     fig.suptitle(f"{name}: |fp8| and the max of each block under {len(grids)} grids", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- notebook 08
+RANK_COLORS = [plt.cm.tab10(r) for r in range(8)]
+
+
+def sharding_plan(plans, parts, group_colors):
+    """plans {(setup, weight dtype): Plan}; parts {(setup, wd): [device][group] -> bytes} -> 2 x 2 stacked bars."""
+    GiB = 2 ** 30
+    fig, axes = plt.subplots(2, 2, figsize=(12.5, 8.2), sharey=True)
+    for ax, ((setup, wd), p) in zip(axes.flat, plans.items()):
+        rows = p.per_device()
+        for d, groups in enumerate(parts[setup, wd]):
+            bottom = 0.0
+            for group, nbytes in groups.items():
+                ax.bar(d, nbytes / GiB, bottom=bottom, color=group_colors[group], width=0.75,
+                       edgecolor="none", label=group if d == 0 else None)
+                bottom += nbytes / GiB
+            if not rows[d]["fits"]:
+                ax.bar(d, bottom, width=0.75, fill=False, edgecolor="#c00000", lw=2)
+                ax.text(d, bottom / 2, f"over\nby\n{-rows[d]['free'] / GiB:.1f}\nGiB", ha="center", va="center",
+                        fontsize=8, color="white", fontweight="bold")
+            else:
+                ax.text(d, bottom + 1.5, f"{rows[d]['total'] / rows[d]['capacity']:.0%}", ha="center", va="bottom",
+                        fontsize=7.5)
+        ax.axhline(p.capacity[0] / GiB, color="0.5", ls="--", lw=1, label="device memory")
+        ax.axhline(p.usable(0) / GiB, color="k", lw=1.5, label="usable (90%)")
+        verdict = "fits" if p.fits else f"{sum(not r['fits'] for r in rows)} of {len(rows)} devices overflow"
+        ax.set_title(f"{setup}, {wd} weights: {verdict}", fontsize=10.5, color="k" if p.fits else "#c00000")
+        ax.set_xticks(range(len(rows)), [f"cuda:{d}" for d in range(len(rows))], fontsize=8)
+        ax.set_ylim(0, 150); ax.grid(axis="y", alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("GiB per device")
+    axes[0, 1].legend(fontsize=8, loc="upper right", ncol=2)
+    fig.suptitle("MiMo-V2-Flash placed layer by layer on 8 GPUs (contiguous units: embedding, layers 0-47, head, MTP 0-2)",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_heads(ax, geometry, world, y, title, owned_heads):
+    from matplotlib.patches import Rectangle
+    H, G = geometry.num_heads, geometry.num_kv_heads
+    per_kv = H // G
+    for r in range(world):                                    # query heads: one cell each, coloured by owner
+        q, _ = owned_heads(H, G, r, world)
+        for h in q.tolist():
+            ax.add_patch(Rectangle((h, y + 1.1), 1, 0.9, color=RANK_COLORS[r], ec="white", lw=0.4))
+    for g in range(G):                                        # kv heads: below the query heads that read them
+        holders = [r for r in range(world) if g in owned_heads(H, G, r, world)[1].tolist()]
+        width = per_kv / len(holders)
+        for i, r in enumerate(holders):
+            ax.add_patch(Rectangle((g * per_kv + i * width, y), width, 0.9, color=RANK_COLORS[r], ec="white", lw=1.5))
+            label = f"kv {g}" if len(holders) == 1 else f"kv {g} (copy)"
+            ax.text(g * per_kv + (i + 0.5) * width, y + 0.45, label, ha="center", va="center", fontsize=8,
+                    color="white", fontweight="bold")
+    ax.text(-1, y + 1.55, "q heads", ha="right", va="center", fontsize=8.5)
+    ax.text(-1, y + 0.45, "kv heads", ha="right", va="center", fontsize=8.5)
+    ax.text(0, y + 2.15, title, fontsize=10, va="bottom")
+
+
+def sharding_heads(global_geometry, sliding_geometry, owned_heads, owned_experts, world=8, experts=256):
+    from matplotlib.patches import Patch, Rectangle
+    fig, ax = plt.subplots(figsize=(13, 5.0))
+    _draw_heads(ax, global_geometry, world, 6.2, "global layer (9 layers: 0, 5, 11, ...): 64 query heads, 4 kv heads -> "
+                "each kv head replicated on the 2 ranks whose query heads (above it) read it", owned_heads)
+    _draw_heads(ax, sliding_geometry, world, 3.1, "sliding-window layer (39 layers): 64 query heads, 8 kv heads -> "
+                "one kv head per rank", owned_heads)
+    per_rank = experts // world
+    for r in range(world):                                    # experts: 256 cells, 32 per rank
+        for e in owned_experts(experts, r, world).tolist():
+            ax.add_patch(Rectangle((e / 4, 1.1), 0.25, 0.9, color=RANK_COLORS[r], ec="none"))
+        ax.text(r * 8 + 4, 1.55, f"experts {per_rank * r}-{per_rank * r + per_rank - 1}", ha="center", va="center",
+                fontsize=7.5, color="white", fontweight="bold")
+    ax.text(-1, 1.55, "experts", ha="right", va="center", fontsize=8.5)
+    ax.text(0, 2.15, f"every MoE layer: {experts} routed experts -> {per_rank} per rank (router replicated, one all-reduce)",
+            fontsize=10, va="bottom")
+    ax.set_xlim(-7, 64.5); ax.set_ylim(0.9, 9.0); ax.axis("off")
+    ax.legend(handles=[Patch(color=RANK_COLORS[r], label=f"rank {r}") for r in range(world)], ncol=world,
+              loc="lower center", bbox_to_anchor=(0.53, -0.1), fontsize=8.5, frameon=False)
+    ax.set_title(f"Tensor + expert parallelism on {world} ranks: who owns which heads and experts", fontsize=11.5)
+    fig.tight_layout()
+    return fig
+
+
+def sharding_fp8_rows(reads, shared, rows_per_rank=192, block=128, world=8):
+    from matplotlib.patches import Patch, Rectangle
+    total = rows_per_rank * world
+    fig, ax = plt.subplots(figsize=(12.5, 4.6))
+    for r in range(world):                                   # the ranks' weight rows
+        ax.add_patch(Rectangle((rows_per_rank * r, 9.4), rows_per_rank, 1.1, color=RANK_COLORS[r], ec="white", lw=1))
+        ax.text(rows_per_rank * r + rows_per_rank / 2, 9.95, f"rank {r}", ha="center", va="center", fontsize=8.5,
+                color="white", fontweight="bold")
+    for b in range(total // block):                          # the FP8 blocks = scale rows
+        is_shared = b in shared
+        ax.add_patch(Rectangle((block * b, 8.0), block, 1.1, fc="#f2b134" if is_shared else ("0.85" if b % 2 else "0.93"),
+                               ec="0.4", lw=0.8, hatch="//" if is_shared else None))
+        ax.text(block * b + block / 2, 8.55, f"block {b}", ha="center", va="center", fontsize=7.5)
+    for r in range(world):                                   # which scale rows each rank reads
+        s0, s1 = reads[r][0], reads[r][-1] + 1
+        y = 6.9 - 0.85 * r
+        ax.add_patch(Rectangle((block * s0, y), block * (s1 - s0), 0.6, color=RANK_COLORS[r], alpha=0.85))
+        ax.plot([rows_per_rank * r, rows_per_rank * (r + 1)], [y + 0.3, y + 0.3], color="k", lw=2.2)
+        ax.text(-15, y + 0.3, f"rank {r} reads scale rows {s0}-{s1 - 1}", ha="right", va="center", fontsize=8)
+    for x in range(0, total + 1, block):
+        ax.axvline(x, color="0.6", lw=0.5, ls=":", zorder=0)
+    ax.text(-15, 9.95, "k_proj rows", ha="right", va="center", fontsize=9)
+    ax.text(-15, 8.55, f"{block}-row FP8 blocks", ha="right", va="center", fontsize=9)
+    ax.set_xlim(-330, total + 9); ax.set_ylim(0.8, 10.7)
+    ax.set_xticks(range(0, total + 1, block), [str(x) for x in range(0, total + 1, block)], fontsize=8)
+    ax.set_yticks([]); ax.set_xlabel(f"row of the sliding-layer k_proj weight [{total}, 4096] ({world} kv heads x "
+                                     f"{rows_per_rank} rows)")
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.legend(handles=[Patch(fc="#f2b134", hatch="//", ec="0.4", label="block shared by two ranks (both read its scale row)"),
+                       plt.Line2D([], [], color="k", lw=2.2, label=f"the rank's own {rows_per_rank} rows")],
+              loc="upper center", bbox_to_anchor=(0.55, -0.16), ncol=2, fontsize=8.5, frameon=False)
+    ax.set_title(f"Sliding-layer k_proj over {world} ranks: {rows_per_rank}-row shards on a {block}-row FP8 grid",
+                 fontsize=11)
     fig.tight_layout()
     return fig
