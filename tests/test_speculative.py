@@ -212,12 +212,13 @@ def bundled():
 
 
 @needs_bundled
-@pytest.mark.parametrize("shape", [(2, 32), (3, 8)])
-def test_batched_drafting_on_the_bundled_checkpoint_equals_plain_greedy_in_float32(bundled, shape):
-    """The batches of the bug report. In float32 on the CPU the (k+1)-token verify pass and the
-    one-token step round alike here, so "lossless" holds token for token (see the module docstring
-    for bfloat16)."""
-    ids = torch.randint(0, bundled.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("shape,seed", [((2, 32), 0), ((3, 8), 4), ((3, 8), 1)])
+def test_batched_drafting_on_the_bundled_checkpoint_equals_plain_greedy_in_float32(bundled, shape, seed):
+    """The batches of the bug report (these seeds raised IndexError before the fix: k = 3 greedy for
+    the first two, k = 3 sampling for the third). In float32 on the CPU the (k+1)-token verify pass
+    and the one-token step round alike here, so "lossless" holds token for token (see the module
+    docstring for bfloat16)."""
+    ids = torch.randint(0, bundled.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
     plain = generate(bundled, ids, 40)
     for k in (1, 2, 3):
         spec, stats = generate(bundled, ids, 40, mtp_steps=k, return_stats=True)
