@@ -408,18 +408,19 @@ def mtp_speedup(ks, mean_accept, speedup, predicted, paper_tau=3.6, paper_speedu
 def mtp_entropy(fit, binned, x_greedy, per_prompt, x_text):
     """The paper's fit of acceptance against entropy, and this model's measurements."""
     import torch
-    xs = torch.linspace(0, 5, 300)
+    right = max(5.0, max(x for x, _ in binned) + 0.3, max(x_greedy) + 0.3, x_text + 0.3)
+    xs = torch.linspace(0, right, 300)
     fig, ax = plt.subplots(figsize=(7.2, 4.4))
     ax.plot(xs, fit(xs), color="#d1495b", label=r"paper's fit $4(1 - 0.58\,x^{0.58})$ (MiMo-V2-Flash)")
     ax.plot([0.048], [3.6], "*", ms=12, color="#d1495b")
     ax.annotate("3.6 tokens", (0.048, 3.6), (0.25, 3.75), fontsize=8)
-    ax.axhline(1, color="grey", lw=0.8, ls=":"); ax.text(4.97, 0.85, "floor: 1 token per forward", ha="right", fontsize=7.5)
-    ax.axhline(4, color="grey", lw=0.8, ls=":"); ax.text(4.97, 4.07, "ceiling: 3 drafts + bonus", ha="right", fontsize=7.5)
+    ax.axhline(1, color="grey", lw=0.8, ls=":"); ax.text(right - 0.03, 0.85, "floor: 1 token per forward", ha="right", fontsize=7.5)
+    ax.axhline(4, color="grey", lw=0.8, ls=":"); ax.text(right - 0.03, 4.07, "ceiling: 3 drafts + bonus", ha="right", fontsize=7.5)
     ax.plot(*zip(*binned), "o-", color="#5b8fc9", label="this model, cycles binned by entropy of their targets")
     ax.scatter(x_greedy, per_prompt, marker="s", color="#2c5d8f", zorder=3, label="this model, measured, one per prompt")
     ax.axvline(x_text, color="#5b8fc9", ls="--", lw=1, label="this model's entropy on the real held-out code")
     ax.set_xlabel("main-model next-token entropy x (nats)"); ax.set_ylabel("acceptance length, k = 3")
-    ax.set_xlim(0, 5); ax.set_ylim(0, 4.4)
+    ax.set_xlim(0, right); ax.set_ylim(0, 4.4)
     ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
