@@ -8,7 +8,7 @@ builds it. Run the notebooks from `notebooks/` (solutions add `..` to `sys.path`
     layers.py    RMSNorm, partial RoPE, masks from positions, sink + sliding-window attention, KV caches
     moe.py       the sigmoid router, expert dispatch, SwiGLU (notebook 04)
     mtp.py       the multi-token-prediction block (notebook 05)
-    fp8.py       FP8 block dequantization (notebook 06)
+    fp8.py       FP8 block dequantization (notebook 07)
     plots.py     the figures, so that plotting code stays out of the reader's way; save() writes
                  figures/ only when MINIMIMO_WRITE_FIGURES=1
     diagrams.py  concept diagrams drawn with matplotlib
