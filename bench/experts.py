@@ -4,7 +4,7 @@
     python bench/experts.py --quick    # smoke run
 
 1. MoE dispatch paths (float32, CPU). `Experts.weighted_sum` runs torch's `grouped_mm` only when
-   at least half the experts received tokens, and otherwise loops over the experts that did.
+   at least a quarter of the experts received tokens, and otherwise loops over the experts that did.
    Timed side by side on the same routed tokens: "grouped always" (the previous rule: grouped_mm
    whenever it is available; its CPU kernel runs a matmul for every expert, empty or not), "now"
    (the rule above) and "loop" (the readable reference, always). Same outputs asserted.
@@ -69,7 +69,7 @@ def dispatch(experts: Experts, rule: str):
 
 
 def bench_dispatch(args) -> None:
-    print("\n== 1. MoE dispatch: grouped_mm always (before) vs only when half the experts have tokens (now) ==")
+    print("\n== 1. MoE dispatch: grouped_mm always (before) vs only when a quarter of the experts have tokens (now) ==")
     print(f"{'layer':34s} {'tokens':>6s} {'active':>6s} {'before ms':>9s} {'now ms':>9s} {'loop ms':>9s} "
           f"{'before/now':>10s}")
     for label, overrides, seed in (("medium (16 experts, top-2, m=256)", MEDIUM, 2),

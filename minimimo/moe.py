@@ -18,10 +18,12 @@ Routing (layers 1..47; 256 experts, 8 chosen, no shared expert):
 Dispatch: the n*k (token, expert) pairs are sorted by expert, so every expert that received
 tokens runs one matmul over a contiguous slice; experts that received none are never touched.
 On the CPU in float32, torch's `grouped_mm` runs all those slices in one call per projection,
-when at least half the experts received tokens (prefill): its CPU kernel runs one matmul per
-expert, empty or not, so while decoding (a few tokens, k experts each: 2 of 16 experts in the
-benchmark model, 8 of 256 in Flash) the per-expert loop, which visits only experts with tokens,
-issues far fewer ops. The loop is the readable reference (and the path for bf16 and CUDA, where
+when at least a quarter of the experts received tokens (prefill): its CPU kernel runs one matmul
+per expert, empty or not, so while decoding (a few tokens, k experts each: 2 of 16 experts in
+the benchmark model, 8 of 256 in Flash) the per-expert loop, which visits only experts with
+tokens, issues far fewer ops. (Measured on one thread, `bench/experts.py`: the loop is faster up
+to a quarter of the experts active, the two are within a few percent up to half, and grouped_mm
+is faster beyond.) The loop is the readable reference (and the path for bf16 and CUDA, where
 this file has not been measured). It asks `expert_weights(e, dtype)` for expert e's three
 matrices: here slices of the stacked parameters; `fp8.FP8Experts`, which the loader swaps in
 to keep FP8 weights on the device, answers with the same matrices dequantized for that call.
@@ -94,11 +96,11 @@ class Experts(nn.Module):
     def grouped_mm_ok(self, x: torch.Tensor, active_experts: int) -> bool:
         # torch's grouped matmul runs the same sorted slices in one call. Used on the CPU in float32
         # only (bf16 needs 16-byte-aligned strides; CUDA untested here); the loop is its plain twin.
-        # Its CPU kernel runs a matmul for every expert, even one without tokens: with most experts
-        # idle (decoding) the loop over the active ones is cheaper (bench/experts.py)
+        # Its CPU kernel runs a matmul for every expert, even one without tokens: with 3 in 4 experts
+        # or more idle (decoding) the loop over the active ones is cheaper (bench/experts.py)
         return (self.use_grouped_mm and hasattr(F, "grouped_mm") and x.device.type == "cpu"
                 and x.dtype == torch.float32 and self.gate_proj.dtype == torch.float32
-                and 2 * active_experts >= self.gate_proj.shape[0])
+                and 4 * active_experts >= self.gate_proj.shape[0])
 
     def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [n, c], gate_weights / expert_ids [n, k] -> [n, c]."""
