@@ -79,6 +79,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from . import dtypes
 from .config import MiMoConfig
 from .fp8 import ROW_BLOCK_DTYPE, ROW_BLOCK_SUFFIX, row_grid, scale_shape
 from .hub import SCALE_SUFFIX, fp8_head_size, is_fp8_stored, tensor_specs
@@ -87,9 +88,6 @@ from .parallel import local_config, shard_ranges
 GiB = 2**30
 DEFAULT_BLOCK = (128, 128)  # the release's FP8 block when a config has no quantization_config
 WEIGHT_DTYPES = ("fp8", "bf16", "fp32")
-_WEIGHT_ALIASES = {"fp8": "fp8", "float8_e4m3fn": "fp8", "bf16": "bf16", "bfloat16": "bf16", "fp16": "bf16",
-                   "float16": "bf16", "fp32": "fp32", "float32": "fp32"}
-_KV_WIDTH = {"fp8": 1, "float8_e4m3fn": 1, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
 _MEMORY_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                  "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -219,14 +217,10 @@ def kv_bytes_per_layer(config: MiMoConfig, context: int, batch: int = 1, kv_dtyp
     (`reserve` = the spare ring slots for rolling back speculative tokens). The main layers sum to
     `config.kv_cache_bytes(context, kv_dtype, "hybrid", batch, reserve)`.
     """
-    width = _kv_width(kv_dtype)
-
-    def cache(g) -> int:
-        tokens = context if g.window is None else min(context, g.window + reserve)
-        return batch * tokens * g.num_kv_heads * (g.head_dim + g.v_head_dim) * width
-
-    out = {f"layer.{i}": cache(config.attention(i)) for i in range(config.num_hidden_layers)}
-    out.update({f"mtp.{k}": cache(config.attention(None)) for k in range(config.num_mtp_layers)})
+    out = {f"layer.{i}": config.layer_kv_bytes(i, context, kv_dtype, batch, reserve)
+           for i in range(config.num_hidden_layers)}
+    out.update({f"mtp.{k}": config.layer_kv_bytes(None, context, kv_dtype, batch, reserve)
+                for k in range(config.num_mtp_layers)})
     return out
 
 
@@ -548,17 +542,12 @@ def _devices_needed(loads: list[int], usable: int) -> int:
 
 
 def _weight_dtype(weight_dtype: Any) -> str:
-    name = str(weight_dtype).removeprefix("torch.")
-    if name not in _WEIGHT_ALIASES:
-        raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {WEIGHT_DTYPES}")
-    return _WEIGHT_ALIASES[name]
+    """The planner's short name ("fp8", "bf16", "fp16", "fp32") from any spelling `dtypes` knows."""
+    return dtypes.short(weight_dtype, "weight_dtype")
 
 
 def _kv_width(kv_dtype: Any) -> int:
-    name = str(kv_dtype).removeprefix("torch.")
-    if name not in _KV_WIDTH:
-        raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(_KV_WIDTH)}")
-    return _KV_WIDTH[name]
+    return dtypes.width(kv_dtype, "kv_dtype")
 
 
 def _device_names(devices: int | list) -> list[str]:
