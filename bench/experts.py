@@ -11,8 +11,9 @@
 2. FP8 dequantization. `apply_scales` scales each [row, column block] by its one scale; before,
    it gathered a full [rows, cols] scale element by element. `FP8Linear` (a 2048 x 2048 weight,
    one strip of 1024 rows at a time) and `FP8Experts` (16 experts of 512 x 256, top-2) forwards
-   timed with each, on 1 and 8 tokens, float32 and bfloat16 activations. Outputs asserted equal,
-   bit for bit.
+   timed with each, on 1 and 8 tokens, float32 and bfloat16 activations; with --flash-experts
+   also one token through 8 experts of Flash's size (hidden 4096, 2048), as the real-dimension
+   slice decodes. Outputs asserted equal, bit for bit.
 
 One torch thread by default (`--threads 0`: torch's default). Timings are minima of interleaved
 rounds (A B A B ...), so a slow patch of a busy machine hits both alike. Ratios > 1: now is faster.
@@ -123,11 +124,32 @@ def fp8_experts(num_experts: int, hidden: int, inter: int, block=(128, 128)) -> 
     return stack
 
 
+def with_gathered_scales(run):
+    """`run` with apply_scales as it was before (what FP8Linear and FP8Experts call)."""
+    def before():
+        fp8.apply_scales, now = scales_gathered_elementwise, fp8.apply_scales
+        try:
+            return run()
+        finally:
+            fp8.apply_scales = now
+    return before
+
+
 def bench_fp8(args) -> None:
     print("\n== 2. FP8 kept on the device: scale gathered per element (before) vs per block (now) ==")
     print(f"{'module':38s} {'dtype':>8s} {'tokens':>6s} {'before ms':>9s} {'now ms':>9s} {'before/now':>10s}")
     linear, experts = fp8_linear(2048, 2048), fp8_experts(16, 512, 256)
     gen = torch.Generator().manual_seed(0)
+    if args.flash_experts:  # one decode token through 8 experts of Flash's size: 24 matrices of 2048 x 4096
+        flash, token = fp8_experts(8, 4096, 2048), torch.randn(1, 4096, generator=gen).to(torch.bfloat16)
+        top8 = torch.arange(8)[None]
+        run = lambda: flash(token, torch.full((1, 8), 1 / 8), top8)  # noqa: E731
+        before = with_gathered_scales(run)
+        with torch.inference_mode():
+            assert torch.equal(before(), run()), "Flash-sized experts: outputs differ"
+            t = race({"before": before, "now": run}, budget_s=args.budget, min_reps=args.min_reps)
+        print(f"{'FP8Experts 8 x (4096 x 2048) (Flash)':38s} {'bfloat16':>8s} {1:6d} {fmt_ms(t['before'])} "
+              f"{fmt_ms(t['now'])} {t['before'] / t['now']:9.2f}x")
     for dtype in (torch.float32, torch.bfloat16):
         for n in (1, 8):
             x = torch.randn(n, 2048, generator=gen).to(dtype)
@@ -137,13 +159,7 @@ def bench_fp8(args) -> None:
             cases = (("FP8Linear 2048 x 2048", lambda: linear(x)),
                      ("FP8Experts 16 x (512 x 256), top-2", lambda: experts(tokens, gate_weights, expert_ids)))
             for label, run in cases:
-                def before(run=run):
-                    fp8.apply_scales, now = scales_gathered_elementwise, fp8.apply_scales
-                    try:
-                        return run()
-                    finally:
-                        fp8.apply_scales = now
-
+                before = with_gathered_scales(run)
                 with torch.inference_mode():
                     assert torch.equal(before(), run()), f"{label}: outputs differ"
                     t = race({"before": before, "now": run}, budget_s=args.budget, min_reps=args.min_reps)
@@ -157,6 +173,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--skip-dispatch", action="store_true")
     p.add_argument("--skip-fp8", action="store_true")
+    p.add_argument("--flash-experts", action="store_true",
+                   help="also 8 FP8 experts of Flash's size on one token (600 MB of FP8, slow)")
     args = p.parse_args(argv)
     args.tokens = (1, 8, 128) if args.quick else (1, 2, 8, 32, 512)
     args.budget, args.min_reps = (0.2, 3) if args.quick else (1.5, 5)
