@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .chat import ContextFull, Conversation
-from .checkpoint import load
+from .checkpoint import load, resolve
 from .config import MiMoConfig, human
 from .defaults import default_checkpoint
 from .generate import generate, stream
@@ -82,14 +82,15 @@ def load_model(directory: Path, args):
 
         if dist.get_rank() != 0:
             sys.stdout = sys.stderr = open(os.devnull, "w")  # every rank computes, rank 0 speaks
-        return load(directory, dtype=args.dtype, tensor_parallel=True, progress=False)
     kept = "fp8" if args.weight_dtype == "fp8" else None  # --weight-dtype bf16/fp32: dequantized into that dtype
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(args.weight_dtype, None if kept else args.dtype)
+    if torch.distributed.is_initialized():  # each rank keeps its slice (in FP8 with --weight-dtype fp8)
+        return load(directory, dtype=dtype, weight_dtype=kept, tensor_parallel=True, progress=False)
     return load(directory, dtype=dtype, devices=args.devices, weight_dtype=kept)
 
 
 def load_with_tokenizer(args):
-    directory = Path(args.model) if args.model else default_checkpoint()
+    directory = resolve(args.model) if args.model else default_checkpoint()  # a folder or a hub id
     model = load_model(directory, args)
     if not (directory / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{directory}: no tokenizer.json, so text cannot be encoded (`minimimo demo` "
@@ -214,7 +215,7 @@ def cmd_chat(args) -> int:
 
 # ---------------------------------------------------------------------- the other commands
 def cmd_demo(args) -> int:
-    directory = Path(args.model) if args.model else default_checkpoint()
+    directory = resolve(args.model) if args.model else default_checkpoint()  # a folder or a hub id
     print(f"checkpoint   {directory}")
     t0 = time.perf_counter()
     model = load_model(directory, args)
