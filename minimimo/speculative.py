@@ -84,6 +84,17 @@ class Rows:
     def active(self, max_new_tokens: int) -> torch.Tensor:
         return ~self.stopped & (self.produced < max_new_tokens)
 
+    def reserve(self, length: int) -> None:
+        """Grow `tokens` and `hidden` to hold positions < length, at least doubling: memory follows
+        the tokens generated, not `max_new_tokens` (asking for a million tokens and stopping after
+        one must not hold a million hidden states)."""
+        have = self.tokens.shape[1]
+        if length > have:
+            more = max(length, 2 * have) - have
+            self.tokens = torch.cat([self.tokens, self.tokens.new_zeros(self.tokens.shape[0], more)], 1)
+            self.hidden = torch.cat([self.hidden, self.hidden.new_zeros(self.hidden.shape[0], more,
+                                                                        self.hidden.shape[2])], 1)
+
 
 def ragged_positions(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     """Per row the positions start..end-1, right-aligned, left-padded with -1: [b, max(end - start)].
@@ -215,14 +226,15 @@ def start(model, input_ids, mask, k: int, max_new_tokens: int, sampler: Sampler 
     """The prompt through the main model (prefill) -> (Rows with the first new token, main cache, MTP caches)."""
     config, device, dtype = model.config, model.device, model.dtype
     b, width = input_ids.shape
-    capacity = width + max_new_tokens + k  # the prompt, the new tokens and one cycle's drafts
-    cache = HybridCache(config, b, dtype=dtype, device=model.layer_devices(), max_length=capacity, reserve=k)
+    longest = width + max_new_tokens + k  # the prompt, the new tokens and one cycle's drafts: a cap, not a reservation
+    cache = HybridCache(config, b, dtype=dtype, device=model.layer_devices(), max_length=longest, reserve=k)
     mtp_caches = [RingLayerCache(block.geometry, b, dtype, block.enorm.weight.device, reserve=k)
                   for block in model.model.mtp.layers[:k]]
     positions = positions_from_mask(mask)
     h = prefill(model, input_ids, cache, positions=positions)  # [b, t, c] before the final norm
     logits = model.logits(h[:, -1])
     first = logits.argmax(-1) if sampler is None else sampler.sample(sampler.distribution(logits))
+    capacity = width + 2 * (k + 2)  # grown by `Rows.reserve` as tokens arrive
     state = Rows(tokens=torch.zeros(b, capacity, dtype=torch.long, device=device),
                  hidden=torch.zeros(b, capacity, config.hidden_size, dtype=dtype, device=device),
                  last=mask.sum(1) - 1, produced=torch.ones(b, dtype=torch.long, device=device),
@@ -239,7 +251,7 @@ def new_tokens(state: Rows, prompt_len, max_new_tokens: int, stop, pad_token_id)
     (or pad_token_id); n = max_new_tokens unless every row stopped before."""
     n = int(state.produced.max()) if len(stop) and bool(state.stopped.all()) else max_new_tokens
     steps = torch.arange(n, device=prompt_len.device)
-    ids = gather_rows(state.tokens, prompt_len[:, None] + steps)
+    ids = gather_rows(state.tokens, prompt_len[:, None] + torch.minimum(steps, state.produced[:, None] - 1))
     last_ids = ids.gather(1, (state.produced[:, None] - 1).clamp(0, n - 1))
     filler = last_ids if pad_token_id is None else torch.full_like(last_ids, pad_token_id)
     return torch.where(steps < state.produced[:, None], ids, filler)
@@ -266,6 +278,7 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
 
     state, cache, mtp_caches = start(model, input_ids, mask, k, max_new_tokens, sampler, stop)
     while bool((active := state.active(max_new_tokens)).any()):
+        state.reserve(int(state.last.max()) + k + 3)  # this cycle writes up to position last + k + 2
         drafts, draft_probs = draft(model, state, mtp_caches, active, sampler)
         logits, hidden = verify(model, state, drafts, cache, active)
         if sampler is None:

@@ -194,6 +194,26 @@ def test_zero_and_one_new_tokens():
                            generate(model, ids, n, attention_mask=mask))
 
 
+def test_memory_follows_the_tokens_generated_not_max_new_tokens(monkeypatch):
+    """Asking for 4,000 tokens (the most this config allows) and stopping after a few holds buffers for a few."""
+    model = mtp_model(window=3)
+    ids, mask = padded_batch([7, 5], 256, seed=5)
+    free = generate(model, ids, 6, attention_mask=mask)
+    stop = [int(free[0, -1]), int(free[1, -1])]  # each row's 6th new token, or earlier
+    held = []
+    real_start = speculative.start
+
+    def start(*args):
+        state, cache, mtp_caches = real_start(*args)
+        held.append(state)
+        return state, cache, mtp_caches
+
+    monkeypatch.setattr(speculative, "start", start)
+    out = generate(model, ids, 4000, attention_mask=mask, stop_token_ids=stop, mtp_steps=3)
+    assert torch.equal(out, generate(model, ids, 4000, attention_mask=mask, stop_token_ids=stop))
+    assert held[0].hidden.shape[1] < 64 and held[0].tokens.shape[1] < 64  # were 4,000 + 10 positions
+
+
 def test_mtp_steps_beyond_the_checkpoint_is_an_error():
     model = MiMoForCausalLM(MiMoConfig.tiny()).init_weights(0).eval()
     with pytest.raises(ValueError, match="0 MTP blocks"):
