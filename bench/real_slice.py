@@ -115,6 +115,7 @@ def peak_rss_gib() -> float:
 def step(path: str, mode: str, new_tokens: int, mtp_steps: int) -> dict:
     """One measurement in this process: load (FP8 kept or bf16), plan vs held bytes, decode."""
     import minimimo
+    from minimimo.plan import weight_bytes
 
     torch.set_num_threads(int(os.environ.get("SLICE_THREADS", 2)))
     t0 = time.perf_counter()
@@ -124,8 +125,7 @@ def step(path: str, mode: str, new_tokens: int, mtp_steps: int) -> dict:
         model = minimimo.load(path, dtype=torch.bfloat16, progress=False)
     load_s = time.perf_counter() - t0
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    plan = getattr(model, "plan", None)
-    planned = getattr(plan, "weight_bytes", None) if plan is not None else None
+    planned = sum(weight_bytes(model.config, mode).values())  # counted from the config before loading
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     out = {"mode": mode, "load_s": round(load_s, 1), "held_bytes": held, "planned_bytes": planned}
     for k in sorted({0, mtp_steps}):
@@ -135,6 +135,58 @@ def step(path: str, mode: str, new_tokens: int, mtp_steps: int) -> dict:
         out[f"ids_mtp{k}"] = generated[0, ids.shape[1]:].tolist()
     out["peak_rss_gib"] = round(peak_rss_gib(), 2)
     return out
+
+
+def _tp_worker(rank: int, world: int, port: int, path: str, ids: torch.Tensor, new_tokens: int, out: str) -> None:
+    import torch.distributed as dist
+
+    import minimimo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = minimimo.load(path, dtype=torch.bfloat16, weight_dtype="fp8", tensor_parallel=True, progress=False)
+        held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        with torch.no_grad():
+            logits = model(ids)[:, -1].float()
+        t0 = time.perf_counter()
+        generated = minimimo.generate(model, ids, new_tokens)
+        seconds = (time.perf_counter() - t0) / new_tokens
+        torch.save({"held": held, "logits": logits, "ids": generated, "s_per_token": seconds,
+                    "peak_rss_gib": peak_rss_gib()}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def tensor_parallel_step(path: str, new_tokens: int) -> dict:
+    """World size 2 over gloo, FP8 kept, against one process loading the same way."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    import minimimo
+    from minimimo.plan import rank_weight_bytes
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_tp_worker, args=(2, port, path, ids, new_tokens, out), nprocs=2, join=True)
+        ranks = [torch.load(Path(out) / f"rank{r}.pt") for r in range(2)]
+    model = minimimo.load(path, dtype=torch.bfloat16, weight_dtype="fp8", progress=False)
+    with torch.no_grad():
+        single = model(ids)[:, -1].float()
+    greedy = minimimo.generate(model, ids, new_tokens)
+    config = model.config
+    return {"mode": "tensor parallel, world 2, FP8 kept, bf16",
+            "held_bytes_per_rank": [r["held"] for r in ranks],
+            "planned_bytes_per_rank": [sum(rank_weight_bytes(config, r, 2, "fp8").values()) for r in range(2)],
+            "single_process_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+            "max_logit_diff_vs_single": max((r["logits"] - single).abs().max().item() for r in ranks),
+            "same_greedy_ids_as_single": all(torch.equal(r["ids"], greedy) for r in ranks),
+            "s_per_token": [round(r["s_per_token"], 3) for r in ranks],
+            "peak_rss_gib_per_rank": [round(r["peak_rss_gib"], 2) for r in ranks]}
 
 
 def run_step(path: Path, mode: str, args) -> dict:
@@ -153,8 +205,11 @@ def main(argv=None) -> int:
     p.add_argument("--mtp-steps", type=int, default=1, help="MTP drafts per cycle (the slice has one MTP block)")
     p.add_argument("--skip-bf16", action="store_true", help="skip the dequantized bf16 load (17 GB resident)")
     p.add_argument("--skip-tp", action="store_true", help="skip tensor parallelism at world size 2")
-    p.add_argument("--step", choices=["fp8", "bf16"], help=argparse.SUPPRESS)
+    p.add_argument("--step", choices=["fp8", "bf16", "tp"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.step == "tp":
+        print(json.dumps(tensor_parallel_step(args.keep, args.new_tokens)))
+        return 0
     if args.step:
         print(json.dumps(step(args.keep, args.step, args.new_tokens, args.mtp_steps)))
         return 0
@@ -169,6 +224,8 @@ def main(argv=None) -> int:
         results = [run_step(path, "fp8", args)]
         if not args.skip_bf16:
             results.append(run_step(path, "bf16", args))
+        if not args.skip_tp:
+            results.append(run_step(path, "tp", args))
         for r in results:
             print(json.dumps(r))
     finally:
