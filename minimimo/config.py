@@ -124,7 +124,9 @@ class MiMoConfig:
     pad_token_id: int | None = None
     num_mtp_layers: int = 3  # hub key `num_nextn_predict_layers` is absent; 3 blocks are on disk
     quantization_config: dict | None = None
-    # the two open points of MTP (SPEC §4.2), as switches; not hub keys
+    # two points the public sources leave open, as switches (not hub keys): vLLM feeds the MTP blocks
+    # the main model's hidden state after the final norm, SGLang the one before it; and the window
+    # of the MTP blocks' sliding attention is not in config.json
     mtp_hidden: str = "pre_norm"  # main hidden state fed to the MTP blocks: "pre_norm" or "post_norm"
     mtp_sliding_window: int | None = None  # window of the MTP blocks' attention; None = sliding_window_size
     # keys we read but do not need (architectures, sliding_window, attention_chunk_size, ...), kept

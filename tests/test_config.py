@@ -10,7 +10,7 @@ from conftest import FIXTURES, SHARED_REFERENCE
 
 def test_flash_parameter_counts_exact():
     counts = MiMoConfig.flash().parameter_counts()
-    # computed from the shapes of SPEC.md §2; the paper says 309B total, 15B active, 0.33B per MTP block
+    # computed from the tensor shapes of the hub checkpoint (its safetensors headers); the paper says 309B total, 15B active, 0.33B per MTP block
     assert counts["total"] == 308_778_780_864
     assert counts["active"] == 15_445_936_320
     assert counts["active_without_embedding"] == 14_820_985_024
