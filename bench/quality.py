@@ -10,11 +10,12 @@ Three measures, the same code and settings for both models, float32:
    training corpus), every token scored with a context of `--context` tokens (sliding windows,
    `minimimo.train.bits_per_byte`). Bits per byte, not loss per token, because the two models
    may have different tokenizers: the same text has the same bytes.
-2. **Header continuations.** Greedy continuations of simple function and class headers, and
-   whether they parse as Python. The rule (printed by the script): header + continuation, cut
+2. **Header continuations.** Greedy continuations of simple function and class headers (bare,
+   and again with a one-line docstring written for them), and whether they parse as Python. The rule (printed by the script): header + continuation, cut
    before the first non-blank line that starts at column 0 (the block has ended); if the
    generation ran out of tokens instead, its last, possibly unfinished, line is dropped; then
-   `ast.parse`. A header whose body is empty fails.
+   `ast.parse`; the kept part must add at least one non-blank line to the prompt (so an empty body,
+   or a docstring prompt alone, fails).
 3. **MTP acceptance** at k = 1..3 (`minimimo.generate(..., mtp_steps=k)`): mean tokens produced
    per main-model forward and the histogram of 1..k+1, on prompts cut from the held-out file.
    Every speculative output is checked to equal plain greedy.
@@ -40,8 +41,17 @@ BUNDLED = "minimimo/checkpoints/mimo-tiny-python"
 OLD_REVISION = "9cc0675"  # the last commit of the default trained for 24 + 9 minutes (before issue 13)
 HEADERS = ["def is_even(n):", "def fibonacci(n):", "def reverse_string(s):", "def factorial(n):",
            "def read_lines(path):", "class Stack:", "class Point:", "def main():"]
+DOCUMENTED = ['def is_even(n):\n    """Return True if n is even."""',
+              'def fibonacci(n):\n    """Return the n-th Fibonacci number."""',
+              'def reverse_string(s):\n    """Return s reversed."""',
+              'def factorial(n):\n    """Return n factorial."""',
+              'def read_lines(path):\n    """Return the lines of the file at path."""',
+              'class Stack:\n    """A stack of items."""',
+              'class Point:\n    """A point in the plane."""',
+              'def main():\n    """Parse the command line and run."""']
 PARSE_RULE = ("header + greedy continuation, cut before the first non-blank line at column 0 (the block "
-              "ended); if generation stopped inside the block, its last line is dropped; then ast.parse")
+              "ended); if generation stopped inside the block, its last line is dropped; then ast.parse, and the "
+              "kept part must have at least one non-blank generated line (a prompt's docstring alone does not count)")
 
 
 def checkpoint_from_git(revision: str, into: Path) -> Path:
@@ -68,12 +78,29 @@ def block_of(header: str, continuation: str, finished: bool) -> str:
     return header + "\n".join(body)
 
 
-def parses(text: str) -> bool:
+def parses(header: str, block: str) -> bool:
+    """Whether `block` parses and adds a non-blank line to `header` (see PARSE_RULE)."""
+    if not block[len(header):].strip():
+        return False
     try:
-        ast.parse(text)
+        ast.parse(block)
         return True
     except SyntaxError:  # IndentationError included
         return False
+
+
+def continuations(model, tokenizer, eot: int, headers: list[str], max_new_tokens: int) -> list[tuple]:
+    """(header, greedy continuation, the block that must parse, whether it parses) per header."""
+    continuations = []
+    for header in headers:
+        prompt = torch.tensor([[eot] + tokenizer.encode(header + "\n")])
+        out = minimimo.generate(model, prompt, max_new_tokens, stop_token_ids=[eot])
+        new = out[0, prompt.shape[1]:].tolist()
+        finished = eot in new
+        continuation = "\n" + tokenizer.decode([t for t in new if t != eot])
+        block = block_of(header, continuation, finished)
+        continuations.append((header, continuation, block, parses(header, block)))
+    return continuations
 
 
 def held_out_prompts(tokenizer, n_prompts: int, prompt_tokens: int) -> list[list[int]]:
@@ -93,16 +120,8 @@ def measure(name: str, directory: Path, args) -> dict:
               "bpb": bits_per_byte(model, [eot] + tokenizer.encode(text), len(text.encode()), args.context),
               "bytes_per_token": len(text.encode()) / len(tokenizer.encode(text))}
 
-    continuations = []
-    for header in HEADERS[:args.headers]:
-        prompt = torch.tensor([[eot] + tokenizer.encode(header + "\n")])
-        out = minimimo.generate(model, prompt, args.header_tokens, stop_token_ids=[eot])
-        new = out[0, prompt.shape[1]:].tolist()
-        finished = eot in new
-        continuation = "\n" + tokenizer.decode([t for t in new if t != eot])
-        block = block_of(header, continuation, finished)
-        continuations.append((header, continuation, block, parses(block)))
-    result["continuations"] = continuations
+    result["continuations"] = continuations(model, tokenizer, eot, HEADERS[:args.headers], args.header_tokens)
+    result["documented"] = continuations(model, tokenizer, eot, DOCUMENTED[:args.headers], args.header_tokens)
 
     stats = {}
     for k in range(1, 4):
@@ -142,15 +161,17 @@ def main(argv=None) -> int:
               f"{r['bytes_per_token']:.2f} bytes/token)")
     print(f"   new / old: {new['bpb'] / old['bpb']:.3f}  ({100 * (1 - new['bpb'] / old['bpb']):.1f}% fewer bits per byte)")
 
-    print(f"\n2. greedy continuations of {args.headers} headers, up to {args.header_tokens} tokens; parse rule: {PARSE_RULE}")
-    for r in (old, new):
-        print(f"   {r['name']}: {sum(ok for *_, ok in r['continuations'])} / {len(r['continuations'])} parse")
-    for (header, _, old_block, old_ok), (_, _, new_block, new_ok) in zip(old["continuations"], new["continuations"]):
-        for name, block, ok in (("old", old_block, old_ok), ("new", new_block, new_ok)):
-            print(f"\n   --- {name} {'parses' if ok else 'does NOT parse'}: {header}")
-            print("\n".join("   | " + line for line in block.split("\n")))
+    for n, key, what in ((2, "continuations", "headers"), (3, "documented", "headers with a one-line docstring")):
+        print(f"\n{n}. greedy continuations of {args.headers} {what}, up to {args.header_tokens} tokens; "
+              f"parse rule: {PARSE_RULE}")
+        for r in (old, new):
+            print(f"   {r['name']}: {sum(ok for *_, ok in r[key])} / {len(r[key])} parse")
+        for (header, _, old_block, old_ok), (_, _, new_block, new_ok) in zip(old[key], new[key]):
+            for name, block, ok in (("old", old_block, old_ok), ("new", new_block, new_ok)):
+                print(f"\n   --- {name} {'parses' if ok else 'does NOT parse'}: {header.splitlines()[0]}")
+                print("\n".join("   | " + line for line in block.split("\n")))
 
-    print(f"\n3. MTP acceptance (tokens per main forward), {args.prompts} held-out prompts of 96 tokens, "
+    print(f"\n4. MTP acceptance (tokens per main forward), {args.prompts} held-out prompts of 96 tokens, "
           f"{args.new_tokens} new tokens, greedy; speculative == plain greedy checked")
     for r in (old, new):
         for k, (mean, hist) in r["accept"].items():

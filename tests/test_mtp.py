@@ -109,14 +109,14 @@ def test_trained_default_drafts_well_and_stays_lossless():
     directory = minimimo.default_checkpoint()
     model = minimimo.load(directory, dtype=torch.float32, progress=False)
     tok = minimimo.Tokenizer.from_pretrained(directory)
-    assert model.config.num_mtp_layers == 3 and model.config.sliding_window_size < 40
+    assert model.config.num_mtp_layers == 3 and model.config.sliding_window_size <= 64
     text = (REPO / "bench" / "heldout_code.py").read_text()
     a, b = tok.encode(text[200:1400])[:70], tok.encode(text[2000:3000])[:45]
     ids = torch.zeros(2, 70, dtype=torch.long)
     mask = torch.zeros(2, 70, dtype=torch.long)
     ids[0], mask[0] = torch.tensor(a), 1
     ids[1, 25:], mask[1, 25:] = torch.tensor(b), 1
-    plain = generate(model, ids, 100, attention_mask=mask)  # 170 positions: 5x the window
+    plain = generate(model, ids, 100, attention_mask=mask)  # 170 positions: over twice the window
     for k in (1, 2, 3):
         spec, stats = generate(model, ids, 100, attention_mask=mask, mtp_steps=k, return_stats=True)
         assert torch.equal(spec, plain), k
