@@ -1,6 +1,6 @@
 """Train the embedded default: a small MiMo on Python source, on the CPU, reproducibly, resumably.
 
-    python -m minimimo.train --out minimimo/checkpoints/mimo-tiny-python --work <scratch folder>
+    python -m minimimo.train --out minimimo/checkpoints/mimo-tiny-python --work <scratch folder>   # ~100 min, one core
 
 It has the whole MiMo-V2-Flash architecture at laptop size: hybrid sliding/global attention with
 sinks, a dense layer 0 then MoE layers with the sigmoid router, and three MTP blocks trained with
