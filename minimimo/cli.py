@@ -34,7 +34,8 @@ from .chat import ContextFull, Conversation
 from .checkpoint import load, resolve
 from .config import MiMoConfig, human
 from .defaults import default_checkpoint
-from .generate import generate, stream
+from .generate import stream
+from .speculative import SpeculativeStats
 from .tokenizer import Tokenizer
 
 # Decode threads. A small model decodes a token as a few dozen small matrix products: shared over
@@ -99,9 +100,10 @@ def load_with_tokenizer(args):
 
 
 # ---------------------------------------------------------------------- generating
-def stream_text(model, tokenizer, prompt_ids, args, stop_ids, *, interruptible: bool = False):
+def stream_text(model, tokenizer, prompt_ids, args, stop_ids, *, interruptible: bool = False, stats=None):
     """Prints the continuation as it comes; returns (new ids, decode tokens/s, tokens/s including
-    the prefill, interrupted). The decode rate starts when the prefill has chosen the first token.
+    the prefill, interrupted). The decode rate starts when the prefill has chosen the first token,
+    with or without MTP drafting (`args.mtp_steps`, acceptance lengths into `stats`).
 
     interruptible: Ctrl-C ends this continuation (interrupted=True) instead of the program.
     """
@@ -110,7 +112,8 @@ def stream_text(model, tokenizer, prompt_ids, args, stop_ids, *, interruptible: 
     new, start, first, interrupted = [], time.perf_counter(), None, False
     try:
         for token in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_token_ids=stop_ids):
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=stop_ids,
+                            mtp_steps=getattr(args, "mtp_steps", 0) or 0, stats=stats):
             if first is None:
                 first = time.perf_counter()  # prefill done, first token chosen
             token_id = int(token[0])
@@ -143,21 +146,13 @@ def cmd_generate(args) -> int:
 
 
 def generate_speculative(model, tokenizer, prompt_ids, args, stop_ids) -> int:
-    """MTP drafting: the text, then the rate and the acceptance length with its histogram.
-
-    `generate(..., mtp_steps=k)` returns when it is done, so the text is printed at the end and only
-    the rate with the prefill is known; plain `generate` prints that rate too, for comparison.
-    """
-    start = time.perf_counter()
-    ids, stats = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, mtp_steps=args.mtp_steps,
-                          return_stats=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, stop_token_ids=stop_ids)
-    elapsed = time.perf_counter() - start
-    new = ids[0, len(prompt_ids):].tolist()
-    print(tokenizer.decode(new, skip_special_tokens=True), flush=True)
-    print(f"\n[{len(prompt_ids)} prompt tokens, {len(new)} new tokens, {len(new) / elapsed:.1f} tokens/s with the "
-          f"prefill, mtp_steps={args.mtp_steps}, mean acceptance length {stats.mean_accept_length:.2f}]",
-          file=sys.stderr)
+    """MTP drafting: the text as it is accepted, then the rates (comparable with plain `generate`'s)
+    and the acceptance length with its histogram."""
+    stats = SpeculativeStats(args.mtp_steps)
+    new, decode, overall, _ = stream_text(model, tokenizer, prompt_ids, args, stop_ids, stats=stats)
+    print(f"\n[{len(prompt_ids)} prompt tokens, {len(new)} new tokens, decode {decode:.1f} tokens/s, "
+          f"{overall:.1f} tokens/s with the prefill, mtp_steps={args.mtp_steps}, "
+          f"mean acceptance length {stats.mean_accept_length:.2f}]", file=sys.stderr)
     histogram = stats.histogram()
     for n, count in histogram.items():
         bar = "#" * round(40 * count / max(1, max(histogram.values())))

@@ -19,18 +19,26 @@ import torch
 from .cache import HybridCache
 from .model import prefill
 from .sampling import check_generation_args, next_token, positions_from_mask, stop_token_set, whole_number
-from .speculative import SpeculativeStats, speculative_generate
+from .speculative import SpeculativeStats, speculative_generate, speculative_stream
 
 
 @torch.no_grad()
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, seed: int | None = None, stop_token_ids=None,
-           attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None) -> Iterator[torch.Tensor]:
+           attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None, mtp_steps: int = 0,
+           stats: SpeculativeStats | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every row ([batch] LongTensor) as soon as it is chosen.
 
     A row that has emitted a stop token keeps yielding `pad_token_id` (default: its stop token)
-    until every row has stopped; then the stream ends.
+    until every row has stopped; then the stream ends. mtp_steps=k drafts with the MTP blocks
+    (`speculative.speculative_stream`): the same tokens, in bursts of up to k + 1 per main forward;
+    `stats` collects the acceptance lengths.
     """
+    if whole_number("mtp_steps", mtp_steps):
+        yield from speculative_stream(model, input_ids, max_new_tokens, mtp_steps=mtp_steps, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+                                      attention_mask=attention_mask, pad_token_id=pad_token_id, stats=stats)
+        return
     check_generation_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
     b, t = input_ids.shape
     device = model.device

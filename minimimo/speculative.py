@@ -45,6 +45,7 @@ kernels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -246,29 +247,31 @@ def start(model, input_ids, mask, k: int, max_new_tokens: int, sampler: Sampler 
     return state, cache, mtp_caches
 
 
-def new_tokens(state: Rows, prompt_len, max_new_tokens: int, stop, pad_token_id) -> torch.Tensor:
-    """The new tokens [b, n] as plain decoding returns them: after its stop token a row repeats it
-    (or pad_token_id); n = max_new_tokens unless every row stopped before."""
-    n = int(state.produced.max()) if len(stop) and bool(state.stopped.all()) else max_new_tokens
-    steps = torch.arange(n, device=prompt_len.device)
-    ids = gather_rows(state.tokens, prompt_len[:, None] + torch.minimum(steps, state.produced[:, None] - 1))
-    last_ids = ids.gather(1, (state.produced[:, None] - 1).clamp(0, n - 1))
+def new_tokens(state: Rows, prompt_len, steps: torch.Tensor, pad_token_id) -> torch.Tensor:
+    """The new tokens at `steps` [n] of every row -> [b, n], as plain decoding returns them: after its
+    stop token (or its last token) a row repeats it, or pad_token_id."""
+    produced = state.produced[:, None]
+    ids = gather_rows(state.tokens, prompt_len[:, None] + torch.minimum(steps, produced - 1))
+    last_ids = gather_rows(state.tokens, prompt_len[:, None] + produced - 1)  # [b, 1]
     filler = last_ids if pad_token_id is None else torch.full_like(last_ids, pad_token_id)
-    return torch.where(steps < state.produced[:, None], ids, filler)
+    return torch.where(steps < produced, ids, filler)
 
 
 @torch.no_grad()
-def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: int, temperature: float = 0.0,
-                         top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_token_ids=None,
-                         attention_mask=None, pad_token_id: int | None = None):
-    """Same contract as `generate.generate`, drafting `mtp_steps` tokens per cycle. -> (ids, stats)."""
+def speculative_stream(model, input_ids, max_new_tokens: int, *, mtp_steps: int, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_token_ids=None,
+                       attention_mask=None, pad_token_id: int | None = None,
+                       stats: SpeculativeStats | None = None) -> Iterator[torch.Tensor]:
+    """Same contract as `generate.stream` (the next token of every row, [batch], step after step),
+    drafting `mtp_steps` tokens per cycle: a step is yielded as soon as every unfinished row has
+    it, so tokens come in bursts of up to k + 1. `stats` (a SpeculativeStats) collects the
+    acceptance lengths."""
     check_generation_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
     k, blocks = whole_number("mtp_steps", mtp_steps), model.config.num_mtp_layers
     if not 1 <= k <= blocks:
         raise ValueError(f"mtp_steps={k}, but this checkpoint has {blocks} MTP blocks (drafting needs 1..{blocks})")
-    stats = SpeculativeStats(k)
     if max_new_tokens == 0:
-        return input_ids.clone(), stats
+        return
     device = model.device
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
@@ -277,7 +280,18 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
     sampler = None if temperature == 0 else Sampler(temperature, top_k, top_p, generator)
 
     state, cache, mtp_caches = start(model, input_ids, mask, k, max_new_tokens, sampler, stop)
-    while bool((active := state.active(max_new_tokens)).any()):
+    prompt_len, emitted = mask.sum(1), 0
+    while True:
+        active = state.active(max_new_tokens)
+        if not active.any():  # done: all steps (fewer when every row met its stop token)
+            ready = int(state.produced.max()) if len(stop) and bool(state.stopped.all()) else max_new_tokens
+        else:  # the steps every unfinished row has (finished rows repeat their last token)
+            ready = int(state.produced[active].min())
+        for step in new_tokens(state, prompt_len, torch.arange(emitted, ready, device=device), pad_token_id).T:
+            yield step
+        emitted = ready
+        if not active.any():
+            return
         state.reserve(int(state.last.max()) + k + 3)  # this cycle writes up to position last + k + 2
         drafts, draft_probs = draft(model, state, mtp_caches, active, sampler)
         logits, hidden = verify(model, state, drafts, cache, active)
@@ -287,7 +301,16 @@ def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: in
             uniforms = torch.rand(drafts.shape, generator=generator, device=device)
             accepted, next_probs = accept_sampled(drafts, draft_probs, sampler.distribution(logits), uniforms)
             next_token = sampler.sample(next_probs)
-        stats.accept_lengths += (accepted + 1)[active].tolist()
+        if stats is not None:
+            stats.accept_lengths += (accepted + 1)[active].tolist()
         commit(state, drafts, accepted, next_token, hidden, active, stop, max_new_tokens)
         roll_back(state, cache, mtp_caches)
-    return torch.cat([input_ids, new_tokens(state, mask.sum(1), max_new_tokens, stop, pad_token_id)], 1), stats
+
+
+def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: int, **options):
+    """Same contract as `generate.generate`, drafting `mtp_steps` tokens per cycle. -> (ids, stats)."""
+    stats = SpeculativeStats(mtp_steps)
+    new = list(speculative_stream(model, input_ids, max_new_tokens, mtp_steps=mtp_steps, stats=stats, **options))
+    if not new:
+        return input_ids.clone(), stats
+    return torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1), stats

@@ -214,6 +214,26 @@ def test_memory_follows_the_tokens_generated_not_max_new_tokens(monkeypatch):
     assert held[0].hidden.shape[1] < 64 and held[0].tokens.shape[1] < 64  # were 4,000 + 10 positions
 
 
+def test_streaming_with_drafts_yields_the_plain_steps_as_soon_as_every_row_has_them(monkeypatch):
+    from minimimo.generate import stream
+
+    model = mtp_model(window=3)
+    ids, mask = padded_batch([7, 5], 256, seed=5)
+    free = generate(model, ids, 20, attention_mask=mask)
+    stops = [stop_token_met_late(free[:, 7:])]
+    plain = torch.stack(list(stream(model, ids, 20, attention_mask=mask, stop_token_ids=stops)), 1)
+    for k in (1, 2, 3):
+        stats = speculative.SpeculativeStats(k)
+        drafted = torch.stack(list(stream(model, ids, 20, attention_mask=mask, stop_token_ids=stops, mtp_steps=k,
+                                          stats=stats)), 1)
+        assert torch.equal(drafted, plain) and stats.accept_lengths
+    verifies = []
+    real_verify = speculative.verify
+    monkeypatch.setattr(speculative, "verify", lambda *a: verifies.append(1) or real_verify(*a))
+    tokens = stream(model, ids, 20, attention_mask=mask, mtp_steps=3)
+    assert torch.equal(next(tokens), plain[:, 0]) and not verifies  # the first token comes from the prefill alone
+
+
 def test_mtp_steps_beyond_the_checkpoint_is_an_error():
     model = MiMoForCausalLM(MiMoConfig.tiny()).init_weights(0).eval()
     with pytest.raises(ValueError, match="0 MTP blocks"):
