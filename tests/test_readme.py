@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import importlib.util
+import subprocess
 import shutil
 import sys
 from pathlib import Path
@@ -80,5 +82,14 @@ def test_other_command_names_what_is_there(words):
     elif program == "jupyter":
         assert shutil.which("jupyter-lab", path=str(Path(sys.executable).parent)), "jupyterlab is not installed"
         assert rest[0] == "lab" and (REPO / rest[1]).is_dir()
+    elif program == "python" and rest[0].startswith("bench/"):
+        assert (REPO / rest[0]).is_file(), rest[0]
+        done = subprocess.run([sys.executable, rest[0], "--help"], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    elif program == "pip":  # installing a package the README names: it must be one we depend on
+        assert rest[:2] == ["install", "-U"] and rest[2] in (REPO / "pyproject.toml").read_text(), rest
+    elif program == "hf":  # huggingface_hub's command line, for the real weights (not run: 292 GiB)
+        assert rest[0] == "download" and rest[1] == "XiaomiMiMo/MiMo-V2-Flash", rest
+        assert importlib.util.find_spec("huggingface_hub"), "huggingface_hub is not installed"
     else:
         pytest.fail(f"the README runs {shlex.join(words)!r}, which this test does not know how to check")
