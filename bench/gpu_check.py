@@ -21,19 +21,16 @@ arithmetic allows (bf16 may differ: the script reports, it does not hide it), an
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_slice import slice_config, write_slice  # noqa: E402
+from real_slice import slice_config, slice_folder  # noqa: E402
 
 import minimimo  # noqa: E402
-from minimimo.hub import INDEX  # noqa: E402
 
 # Peak memory bandwidth by device name (vendor data sheets), bytes/s.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,
@@ -115,18 +112,9 @@ def main(argv=None) -> int:
     bandwidth = peak_bandwidth(name, args.peak_bandwidth)
     print(f"device: {name} | torch {torch.__version__} | minimimo {minimimo.__version__} | "
           f"slice: {slice_config().num_hidden_layers} layers + 1 MTP block at MiMo-V2-Flash's sizes")
-    tmp = None
-    path = Path(args.keep) if args.keep else Path(tmp := tempfile.mkdtemp(prefix="mimo-gpu-check-"))
-    try:
-        if not (path / INDEX).exists():
-            t0 = time.perf_counter()
-            write_slice(path)
-            print(f"wrote the slice in {time.perf_counter() - t0:.0f} s")
+    with slice_folder(args.keep) as path:
         check(path, "fp8", args.new_tokens, bandwidth)
         check(path, None, args.new_tokens, bandwidth)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -27,6 +27,7 @@ and tensor parallelism at world size 2 (gloo) against the single process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -106,6 +107,23 @@ def write_slice(directory: Path, seed: int = 0) -> Path:
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config.save(directory)
     return directory
+
+
+@contextlib.contextmanager
+def slice_folder(keep: str | None):
+    """The slice's folder: `keep` (written there unless it holds one already, and kept), or a
+    temporary folder that is deleted afterwards."""
+    path = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="mimo-real-slice-"))
+    try:
+        if not (path / INDEX).exists():
+            t0 = time.perf_counter()
+            write_slice(path)
+            print(f"wrote the slice ({sum(f.stat().st_size for f in path.iterdir()) / 2**30:.2f} GiB, "
+                  f"{len(list(path.glob('*.safetensors')))} shards) in {time.perf_counter() - t0:.0f} s")
+        yield path
+    finally:
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def peak_rss_gib() -> float:
@@ -213,14 +231,7 @@ def main(argv=None) -> int:
     if args.step:
         print(json.dumps(step(args.keep, args.step, args.new_tokens, args.mtp_steps)))
         return 0
-    tmp = None
-    path = Path(args.keep) if args.keep else Path(tmp := tempfile.mkdtemp(prefix="mimo-real-slice-"))
-    try:
-        if not (path / INDEX).exists():
-            t0 = time.perf_counter()
-            write_slice(path)
-            print(f"wrote the slice ({sum(f.stat().st_size for f in path.iterdir()) / 2**30:.2f} GiB, "
-                  f"{len(list(path.glob('*.safetensors')))} shards) in {time.perf_counter() - t0:.0f} s")
+    with slice_folder(args.keep) as path:
         results = [run_step(path, "fp8", args)]
         if not args.skip_bf16:
             results.append(run_step(path, "bf16", args))
@@ -228,9 +239,6 @@ def main(argv=None) -> int:
             results.append(run_step(path, "tp", args))
         for r in results:
             print(json.dumps(r))
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
