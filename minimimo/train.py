@@ -282,8 +282,10 @@ def train_main(args, work: Path, saver: Saver, resume: bool) -> dict:
         h_last = model.trunk(batch)[-1]
         logits = model.logits(h_last)
         main_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-        mtp = mtp_loss(model, batch, h_last)
-        loss = main_loss + args.mtp_weight * mtp.mean()
+        loss = main_loss
+        if args.mtp_weight:  # 0: the MTP blocks are left to phase 2 (their loss costs ~40% of a step)
+            mtp = mtp_loss(model, batch, h_last)
+            loss = loss + args.mtp_weight * mtp.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -291,9 +293,11 @@ def train_main(args, work: Path, saver: Saver, resume: bool) -> dict:
         for name, router in routers.items():  # auxiliary-loss-free balancing
             update_correction_bias_(router, loads[name], args.bias_rate)
         if step % 25 == 0 or step == args.steps - 1:
-            history.append({"step": step, "loss": round(main_loss.item(), 4), "mtp": [round(x, 4) for x in mtp.tolist()]})
+            history.append({"step": step, "loss": round(main_loss.item(), 4)})
+            if args.mtp_weight:
+                history[-1]["mtp"] = [round(x, 4) for x in mtp.tolist()]
             seconds = elapsed + time.perf_counter() - start
-            log(f"step {step}/{args.steps} loss {history[-1]['loss']} mtp {history[-1]['mtp']} "
+            log(f"step {step}/{args.steps} loss {history[-1]['loss']} mtp {history[-1].get('mtp', '-')} "
                 f"lr {optimizer.param_groups[0]['lr']:.2e} {seconds / 60:.1f} min")
         saver.maybe_save(lambda: snapshot(step + 1), force=step + 1 == args.stop_at)
         if step + 1 == args.stop_at:
@@ -426,7 +430,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", required=False, default=None,
                    help="scratch folder for the training state, the phase-1 checkpoint and the tokenizer")
     p.add_argument("--resume", action="store_true", help="continue from <work>/state.pt")
-    p.add_argument("--steps", type=int, default=2300)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -437,15 +441,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-chars", type=int, default=30_000, help="held-out stdlib text validated on")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-context", type=int, default=128)
-    p.add_argument("--mtp-weight", type=float, default=0.5)
+    p.add_argument("--mtp-weight", type=float, default=0.0,
+                   help="phase-1 MTP loss weight (0: the MTP blocks learn only in phase 2, by distillation)")
     p.add_argument("--bias-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)  # one thread: steady on a shared machine
     p.add_argument("--save-minutes", type=float, default=4.0, help="write the training state this often")
     p.add_argument("--stop-at", type=int, default=None,
                    help="save the state and stop after this phase-1 step, as a killed run would (tests resuming)")
-    p.add_argument("--distill-steps", type=int, default=1500, help="phase 2: MTP self-distillation steps (0: skip)")
-    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--distill-steps", type=int, default=3000, help="phase 2: MTP self-distillation steps (0: skip)")
+    p.add_argument("--distill-lr", type=float, default=2e-3)
     p.add_argument("--distill-batch", type=int, default=16)
     p.add_argument("--distill-self", type=float, default=0.5,
                    help="fraction of each phase-2 batch taken from the main model's own greedy text")
