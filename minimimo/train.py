@@ -1,16 +1,21 @@
 """Train the embedded default: a small MiMo on Python source, on the CPU, reproducibly, resumably.
 
-    python -m minimimo.train --out minimimo/checkpoints/mimo-tiny-python --work <scratch folder>   # ~100 min, one core
+    python -m minimimo.train --out minimimo/checkpoints/mimo-tiny-python --work <scratch folder>   # ~2 h, one core
 
 It has the whole MiMo-V2-Flash architecture at laptop size: hybrid sliding/global attention with
-sinks, a dense layer 0 then MoE layers with the sigmoid router, and three MTP blocks trained with
-the MTP loss. The data is the source code of the running interpreter's standard library, tests
-included (on every machine, no download): every `.py` file that parses. One file in 50, chosen by
-a hash of its path, is held out for validation; `bench/heldout_code.py` (code in no corpus) is a
-second validation text. The tokenizer is a byte-level BPE trained on the training files.
+sinks, a dense layer 0 then MoE layers with the sigmoid router, and three MTP blocks. The data is
+the source code of the running interpreter's standard library, tests included (on every machine,
+no download): every `.py` file that parses, with its docstrings cut to their first paragraph
+(`summary_docstrings`). One file in 50, chosen by a hash of its path, is held out for validation;
+`bench/heldout_code.py` (code in no corpus) is a second validation text. The tokenizer is a
+byte-level BPE trained on the training files.
 
-Phase 1, the paper's recipe scaled down:
-* loss = CE(main next token) + mtp_weight * mean_k CE(MTP block k predicts token q + k + 2);
+Phase 1, the main model:
+* loss = CE(main next token), optionally + mtp_weight * mean_k CE(MTP block k predicts token
+  q + k + 2) (the paper's joint MTP loss). The default weight is 0: at this size the MTP loss
+  costs ~40% of a step and competes with the main loss for a few million parameters, while
+  phase 2 trains the blocks for what drafting needs (measured on this machine: one thread, a
+  step of 32 x 128 tokens takes 1.2 s without the MTP loss and 1.9 s with it);
 * AdamW (betas 0.9 / 0.95, weight decay 0.1 on matrices), linear warm-up then cosine decay to
   10% of the peak learning rate;
 * auxiliary-loss-free balancing: after every step each router's `e_score_correction_bias` moves
@@ -19,8 +24,8 @@ Phase 1, the paper's recipe scaled down:
 
 Phase 2 (`distill_mtp`) freezes the main model, read back from the phase-1 checkpoint, and trains
 only the MTP blocks to match the main model's own next-token distributions (KL divergence): a
-drafter is judged by agreement with the model it drafts for, and a small model's MTP blocks
-trained on corpus tokens alone agree with it too rarely.
+drafter is judged by agreement with the model it drafts for (self-distillation, as EAGLE-style
+drafters are trained).
 
 Every few minutes the whole training state (weights, optimizer, step, random generator, history)
 goes to `<work>/state.pt`; `--resume` continues from it and ends where an uninterrupted run ends.
@@ -35,6 +40,7 @@ import argparse
 import ast
 import json
 import math
+import re
 import shlex
 import sysconfig
 import time
@@ -59,9 +65,10 @@ HELDOUT_CODE = Path(__file__).resolve().parents[1] / "bench" / "heldout_code.py"
 
 
 # ---------------------------------------------------------------------------------------- data
-def stdlib_files():
+def stdlib_files(summaries: bool = True):
     """Yields (path relative to the stdlib, text) of every standard-library .py file that parses,
-    in path order.
+    in path order, with its docstrings cut to their summaries (`summary_docstrings`) unless
+    `summaries` is False.
 
     Parsing is the filter: the test suite ships deliberately broken files (bad syntax, bad
     encodings) that would teach the model non-Python."""
@@ -74,10 +81,55 @@ def stdlib_files():
             text = path.read_text(encoding="utf-8")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # invalid escape sequences and the like
-                ast.parse(text)
+                tree = ast.parse(text)
+                if summaries:
+                    text = summary_docstrings(text, tree)
+                    ast.parse(text)  # the cut file still parses (checked, never assumed)
         except (UnicodeDecodeError, SyntaxError, ValueError, OSError):
             continue
         yield relative.as_posix(), text
+
+
+DOCSTRING_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def summary_docstrings(text: str, tree: ast.Module) -> str:
+    """`text` with every multi-paragraph docstring cut to its first paragraph (the summary).
+
+    The standard library documents in long prose; a model of a few million parameters cannot hold
+    a paragraph of English together, and greedily continuing `def f(x):` it writes the opening of
+    a docstring and never closes it ("the string, and the string, ..."). Trained on summaries, it
+    learns that a docstring is a sentence or two and that code follows. Code, comments and
+    one-paragraph docstrings are untouched; a docstring whose cut would need escaping is kept."""
+    line_starts = [0]
+    for line in text.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+
+    def offset(line: int, col_bytes: int) -> int:  # ast columns count UTF-8 bytes
+        begin = line_starts[line - 1]
+        return begin + len(text[begin:line_starts[line]].encode()[:col_bytes].decode())
+
+    cuts = []
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None) if isinstance(node, DOCSTRING_OWNERS) else None
+        if not (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            continue
+        literal = body[0].value
+        start, end = offset(literal.lineno, literal.col_offset), offset(literal.end_lineno, literal.end_col_offset)
+        source = text[start:end]
+        prefix = len(source) - len(source.lstrip("rRuU"))
+        quote = source[prefix:prefix + 3]
+        if quote not in ('"""', "'''") or not source.endswith(quote):
+            continue
+        paragraphs = re.split(r"\n[ \t]*\n", source[prefix + 3:-3].strip())
+        summary = paragraphs[0].rstrip()
+        if len(paragraphs) == 1 or not summary or summary.endswith((quote[0], "\\")):
+            continue
+        cuts.append((start, end, source[:prefix + 3] + summary + quote))
+    for start, end, new in sorted(cuts, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text
 
 
 def is_validation(relative_path: str) -> bool:
@@ -224,7 +276,7 @@ def log(message: str) -> None:
 def train_main(args, work: Path, saver: Saver, resume: bool) -> dict:
     """Phase 1: writes the main model + MTP blocks to <work>/phase1; returns the summary."""
     start = time.perf_counter()
-    train_texts, held_out = split_corpus(stdlib_files(), args.corpus_chars)
+    train_texts, held_out = split_corpus(stdlib_files(args.docstrings == "summary"), args.corpus_chars)
     tokenizer_dir = work / "tokenizer"
     state = saver.load("main") if resume else None
     if state is not None:  # the same tokenizer (training it again would also give it, slower)
@@ -310,7 +362,8 @@ def train_main(args, work: Path, saver: Saver, resume: bool) -> dict:
     save_tokenizer(tokenizer, work / "phase1")
     summary = {
         "corpus": {"source": "the interpreter's standard library: every .py file that parses, tests included, "
-                             f"outside {sorted(SKIP_DIRS)}; sorted by path",
+                             f"outside {sorted(SKIP_DIRS)}; sorted by path"
+                             + ("; docstrings cut to their first paragraph" if args.docstrings == "summary" else ""),
                    "held_out_rule": f"crc32(path relative to the stdlib) % {HELD_OUT_ONE_IN} == 0",
                    "train_files": len(train_texts), "train_chars": sum(map(len, train_texts)),
                    "train_tokens": len(data), "held_out_files": len(held_out),
@@ -342,7 +395,7 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     start = time.perf_counter()
     model = load(work / "phase1", dtype=torch.float32, progress=False)
     tokenizer = Tokenizer.from_pretrained(work / "phase1")
-    train_texts, _ = split_corpus(stdlib_files(), args.corpus_chars)
+    train_texts, _ = split_corpus(stdlib_files(args.docstrings == "summary"), args.corpus_chars)
     data = encode_documents(tokenizer.backend, train_texts, tokenizer.token_id(ENDOFTEXT))
     model.requires_grad_(False)
     mtp_params = list(model.model.mtp.parameters())
@@ -430,7 +483,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", required=False, default=None,
                    help="scratch folder for the training state, the phase-1 checkpoint and the tokenizer")
     p.add_argument("--resume", action="store_true", help="continue from <work>/state.pt")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=3800)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -438,6 +491,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--window", type=int, default=64, help="sliding-window size of the local layers")
     p.add_argument("--corpus-chars", type=int, default=100_000_000, help="cap on training text (default: all)")
+    p.add_argument("--docstrings", choices=["summary", "full"], default="summary",
+                   help="cut the corpus's docstrings to their first paragraph (summary_docstrings) or keep them")
     p.add_argument("--val-chars", type=int, default=30_000, help="held-out stdlib text validated on")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-context", type=int, default=128)

@@ -1,13 +1,15 @@
 """minimimo.train on a tiny setting: a stopped run resumed ends exactly where an uninterrupted one
 ends, and the result is a loadable hub checkpoint with its training record."""
 
+import ast
 import json
 
 import pytest
 import torch
 
 from minimimo import load
-from minimimo.train import bits_per_byte, lr_factor, main
+from minimimo.model import MiMoForCausalLM
+from minimimo.train import bits_per_byte, lr_factor, main, small_config, summary_docstrings
 
 TINY = ["--steps", "6", "--batch", "2", "--seq", "32", "--vocab", "300", "--hidden", "64", "--window", "8",
         "--corpus-chars", "60000", "--val-chars", "2000", "--eval-every", "3", "--eval-context", "64",
@@ -78,3 +80,35 @@ def test_distillation_trains_only_the_mtp_blocks(tmp_path):
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["distill_args"]["self_written_rows_per_batch"] == 1
     assert record["distill_args"]["self_written_pool"] == 4
+
+
+def test_phase_one_mtp_loss_trains_the_blocks_only_when_weighted(tmp_path):
+    """--mtp-weight 0 (the default) leaves the MTP blocks to phase 2; a positive weight trains them
+    in phase 1 too and records their losses."""
+    args = TINY[:TINY.index("--steps")] + ["--steps", "2"] + TINY[TINY.index("--steps") + 2:]
+    records = {}
+    for weight in ("0", "0.5"):
+        work = tmp_path / f"w{weight}"
+        main(args + ["--mtp-weight", weight, "--out", str(tmp_path / f"o{weight}"), "--work", str(work)])
+        records[weight] = finished_state(work)
+    initial = MiMoForCausalLM(small_config(300, 64, 8)).init_weights(0).state_dict()
+    for weight, state in records.items():
+        mtp = [name for name in state["model"] if name.startswith("model.mtp.")]
+        moved = [name for name in mtp if not torch.equal(state["model"][name], initial[name])]
+        assert bool(moved) == (weight != "0"), (weight, moved[:3])
+        assert ("mtp" in state["history"][0]) == (weight != "0")
+
+
+def test_summary_docstrings_cut_prose_and_keep_code():
+    text = ('"""Module summary\n   on two lines.\n\nLong prose.\n"""\nimport os\n\n\n'
+            'class A:\n    r"""Class \\d summary.\n    \n    More.\n    """\n\n'
+            '    def f(self):\n        """One paragraph only,\n        kept whole."""\n        return "\\n\\n"\n\n'
+            '    def g(self):\n        \'\'\'Single.\n\n        Extra é.\'\'\'\n        x = 1\n        return x\n')
+    cut = summary_docstrings(text, ast.parse(text))
+    ast.parse(cut)
+    assert cut == ('"""Module summary\n   on two lines."""\nimport os\n\n\n'
+                   'class A:\n    r"""Class \\d summary."""\n\n'
+                   '    def f(self):\n        """One paragraph only,\n        kept whole."""\n        return "\\n\\n"\n\n'
+                   '    def g(self):\n        \'\'\'Single.\'\'\'\n        x = 1\n        return x\n')
+    plain = "def h():\n    return 1\n"
+    assert summary_docstrings(plain, ast.parse(plain)) == plain
