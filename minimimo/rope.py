@@ -13,7 +13,16 @@ theta = 10,000: a sliding layer never sees a key more than 128 positions away, s
 fast-turning frequencies.
 
 Axes: b batch, t positions, h heads, d channels.
+
+`apply_rope` below is the formula as written. The tables `RopeTables` makes for the model carry a
+second form of themselves, `FoldedRope`, that turns a whole head in four torch calls instead of
+eleven (a decode step rotates q and k in every layer, and each call costs microseconds of dispatch
+whatever its size); `apply_rope` uses it when given such tables, with the same result.
 """
+
+from __future__ import annotations
+
+import functools
 
 import torch
 from einops import rearrange
@@ -33,7 +42,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, h, t, d]; rotates x[..., :rotary_dim] and passes the rest through unchanged."""
+    """x [b, h, t, d]; rotates x[..., :rotary_dim] and passes the rest through unchanged.
+
+    cos, sin [b, t, rotary_dim]: `rope_cos_sin`'s tables, or `RopeTables`', which run as `FoldedRope`."""
+    folded = getattr(cos, "folded", None)
+    if folded is not None and getattr(sin, "folded", None) is folded:
+        return folded(x)
     rotary_dim = cos.shape[-1]
     cos, sin = rearrange(cos, "b t d -> b 1 t d"), rearrange(sin, "b t d -> b 1 t d")
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
@@ -41,20 +55,67 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot, x_pass), dim=-1)
 
 
+@functools.lru_cache(maxsize=None)
+def partner_channels(r: int, d: int, device: str) -> torch.Tensor:
+    """[d] channel indices: rotate-half's partner of each rotated channel, itself for the others."""
+    with torch.inference_mode(False):  # kept across calls: usable with autograd even if made while generating
+        return torch.tensor([*range(r // 2, r), *range(r // 2), *range(r, d)], device=device)
+
+
+class FoldedRope:
+    """`apply_rope` over a whole head in four torch calls, for tables shared by many calls.
+
+    Two rewrites of x_rot * cos + rotate_half(x_rot) * sin, exact in every dtype:
+    * rotate_half's minus sign moves into sin: -x2 * sin1 == x2 * (-sin1), so rotate-half becomes
+      a fixed permutation of the channels, `partner` = [r/2..r-1, 0..r/2-1];
+    * the pass-through channels turn by angle 0: cos 1, sin 0, so x * 1 + x * 0 == x (for finite
+      x; an inf there would become nan) and no slicing or concatenation is needed.
+
+        x' = x[..., partner_d] * sin_d + x * cos_d          cos_d, sin_d [b, 1, t, d]
+
+    The head-wide tables are built once per head size d from the [b, t, r] ones (one pair per
+    theta and step in the model, used by q and k of every layer with that theta)."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin, self.by_width = cos, sin, {}
+
+    def tables(self, d: int):
+        """-> cos_d, sin_d [b, 1, t, d] and partner_d [d] for heads of d channels."""
+        if d not in self.by_width:
+            cos, sin, r = self.cos, self.sin, self.cos.shape[-1]
+            passed = cos.new_zeros(*cos.shape[:-1], d - r)  # [b, t, d - r]: angle 0
+            cos_d = torch.cat((cos, passed + 1), dim=-1)
+            sin_d = torch.cat((-sin[..., :r // 2], sin[..., r // 2:], passed), dim=-1)
+            self.by_width[d] = (rearrange(cos_d, "b t d -> b 1 t d"), rearrange(sin_d, "b t d -> b 1 t d"),
+                                partner_channels(r, d, str(cos.device)))
+        return self.by_width[d]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, h, t, d] -> x rotated, as `apply_rope(x, self.cos, self.sin)`."""
+        cos_d, sin_d, partner = self.tables(x.shape[-1])
+        return x.index_select(-1, partner) * sin_d + x * cos_d  # this order: the result is contiguous, as cat's
+
+
 class RopeTables:
     """cos/sin for one set of positions, computed once per (rotary_dim, theta, device) and shared
     by every layer that rotates with the same theta (all 9 global layers share one table, all 39
     sliding layers another)."""
 
+    use_folded = True  # False: plain tables, which `apply_rope` applies as written (the reference)
+
     def __init__(self, positions: torch.Tensor, dtype: torch.dtype):
         self.positions, self.dtype, self.tables = positions, dtype, {}
 
     def cos_sin(self, rotary_dim: int, theta: float, device=None):
-        """-> cos, sin [b, t, rotary_dim] for these positions, rotating with `theta`."""
+        """-> cos, sin [b, t, rotary_dim] for these positions, rotating with `theta`; with
+        `use_folded`, both carry their `FoldedRope` as `.folded` (which `apply_rope` then runs)."""
         device = self.positions.device if device is None else device
         key = (rotary_dim, theta, str(device))
         if key not in self.tables:
-            self.tables[key] = rope_cos_sin(self.positions.to(device), rotary_dim, theta, self.dtype)
+            cos, sin = rope_cos_sin(self.positions.to(device), rotary_dim, theta, self.dtype)
+            if self.use_folded:
+                cos.folded = sin.folded = FoldedRope(cos, sin)
+            self.tables[key] = cos, sin
         return self.tables[key]
 
     def __call__(self, geometry, device=None):
