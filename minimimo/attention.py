@@ -31,6 +31,13 @@ Four things make it different from a textbook attention:
        q3  x x x x . .
        q4  . x x x x .
        q5  . . x x x x
+
+**Two ways to compute it.** `visibility_mask` and `sink_attention` below are the formulas as
+written (the reference the notebooks teach). `Attention.use_sdpa` (the default) computes the same
+attention in fewer torch calls: `sdpa_attention` takes an *additive* mask (0 where visible, the
+dtype's lowest value where not) that `SharedMasks` builds once per forward pass and key layout
+instead of once per layer. A decode step is bound by per-call overhead (each torch call costs
+microseconds whatever its size), so calls, not flops, are what the fast path saves.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
+from .cache import PositionFacts
 from .config import AttentionGeometry
 from .rope import apply_rope
 
@@ -82,8 +90,124 @@ def sink_attention(
     return rearrange(out, "b g r t e -> b (g r) t e")
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [b, t, s] -> [b, 1, t, s] in `dtype`: 0 where visible, the dtype's lowest finite value where not.
+
+    The lowest finite value and not -inf, as in `sink_attention`: a query that sees no key at all
+    (a padding query) then gets the same finite, never-read output as the reference, not 0/0 = NaN.
+    """
+    mask = torch.where(visible, 0.0, torch.finfo(dtype).min)
+    return (mask if mask.dtype == dtype else mask.to(dtype))[:, None]
+
+
+def sdpa_attention(
+    q: torch.Tensor,  # [b, h, t, d]
+    k: torch.Tensor,  # [b, g, s, d]
+    v: torch.Tensor,  # [b, g, s, e]
+    mask: torch.Tensor,  # [b, 1, t, s] additive: 0 = visible (`additive_mask`)
+    sink_logit: torch.Tensor | None,  # [h] or None
+    scale: float,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """`sink_attention` on an additive mask, in fewer torch calls. Returns [b, h, t, e].
+
+    `fused` (default: off the CPU) calls torch's `scaled_dot_product_attention`, the sink being
+    one more key: a zero key (score 0) whose mask entry is the sink logit, with a zero value, so
+    the softmax denominator gains exp(sink_h) and the output nothing. On the CPU torch has a fused
+    kernel only when keys and values have the same head dim, which MiMo's do not (192 and 128);
+    its generic path repeats every kv head r times and rescales all keys on each call, slower
+    here than the reference. So the CPU computes the two products itself, as `sink_attention`
+    does, with its roundings (float32: the same to the last bits; bfloat16: scores in bf16, the
+    row max subtracted in bf16, the exponentials summed in float32), in half the calls.
+    """
+    b, h, t, d = q.shape
+    g, s = k.shape[1], k.shape[2]
+    if fused is None:
+        fused = q.device.type != "cpu"
+    if fused:
+        if sink_logit is not None:
+            k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))  # [b, g, s + 1, d|e]: zero key, zero value
+            sink = sink_logit.to(mask.dtype).view(1, h, 1, 1).expand(b, h, t, 1)
+            mask = torch.cat([mask.expand(b, h, t, s), sink], dim=-1)  # [b, h, t, s + 1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    scores = torch.matmul(q.reshape(b, g, h // g * t, d), k.transpose(2, 3))  # [b, g, (r t), s]: no repeated keys
+    scores = scores.view(b, h, t, s)  # head (g r) read kv head g
+    if scores.dtype == torch.float32:  # mask + scale * scores in one call: the reference's scores * scale
+        scores = torch.add(mask, scores, alpha=scale)  # where visible (0 + x is exact), the lowest value where not
+    else:  # add would round alpha to bfloat16 first
+        scores = scores * scale + mask
+    if sink_logit is not None:  # the sink: one more column with its logit
+        sink = sink_logit if sink_logit.dtype == scores.dtype else sink_logit.to(scores.dtype)
+        scores = torch.cat([scores, sink.view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1)
+    if scores.dtype != torch.float32:  # in float32 softmax subtracts the same max with the same rounding
+        scores = scores - scores.amax(dim=-1, keepdim=True)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+    if sink_logit is not None:
+        probs = probs[..., :s]  # drop the sink's column: its value would be zero
+    if probs.dtype != v.dtype:
+        probs = probs.to(v.dtype)
+    return torch.matmul(probs.view(b, g, h // g * t, s), v).view(b, h, t, v.shape[-1])
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, t, (heads d)] -> [b, heads, t, d] as a view, `rearrange(x, "b t (h d) -> b h t d")`.
+    One call instead of two when t = 1 (a decode step), where the transpose moves nothing."""
+    b, t, _ = x.shape
+    return x.view(b, heads, 1, -1) if t == 1 else x.view(b, t, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[b, h, t, e] -> [b, t, (h e)], `rearrange(x, "b h t e -> b t (h e)")`; one view when t = 1
+    and x is contiguous (what `sdpa_attention` returns)."""
+    b, h, t, e = x.shape
+    if t == 1 and x.is_contiguous():
+        return x.view(b, 1, h * e)
+    return x.transpose(1, 2).reshape(b, t, h * e)
+
+
+class SharedMasks:
+    """What every attention layer of one forward pass needs and can share: the query positions per
+    device, the additive masks per key layout, and the cache-write facts (`PositionFacts`).
+
+    `MiMoForCausalLM.trunk` makes one per forward pass and hands it to all its layers, so a mask
+    is built once per (window, key layout, device, dtype) instead of once per layer (48 times).
+
+    Why two layers may share a mask: a mask is a function of the query positions (the same for
+    every layer of one pass), the window and the key positions. Two layers that look up the same
+    key get the same key positions: within one pass every layer's cache belongs to one
+    `HybridCache`, whose ring layers (one window, the same W + reserve slots) have received the
+    same writes and truncations and so hold the same positions slot for slot (their keys and
+    values differ, their positions do not), and whose global layers likewise hold the same
+    positions (0 .. length-1 written or empty); without a cache the keys are the queries. The
+    lookup key separates the rest: the window (None for global layers), the number of key slots
+    (a ring's W + reserve + t against a global buffer's length), the device (layers placed on
+    several devices) and the dtype. Caches with their own histories (the MTP blocks') must not
+    share one: `Attention` builds a private one when given none.
+    """
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions  # [b, t], -1 = padding
+        self.facts = PositionFacts(positions)
+        self.on_device = {positions.device: positions}
+        self.masks = {}
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self.on_device:
+            self.on_device[device] = self.positions.to(device)
+        return self.on_device[device]
+
+    def mask(self, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [b, 1, t, s] for key positions k_pos [b, s] (`additive_mask`)."""
+        key = (window, k_pos.shape[1], k_pos.device, dtype)
+        if key not in self.masks:
+            self.masks[key] = additive_mask(visibility_mask(self.positions_on(k_pos.device), k_pos, window), dtype)
+        return self.masks[key]
+
+
 class Attention(nn.Module):
     """One layer's self-attention; `geometry` says global or sliding, heads, dims and theta."""
+
+    use_sdpa = True  # False: always `visibility_mask` + `sink_attention` (the reference)
 
     def __init__(self, hidden_size: int, geometry: AttentionGeometry, value_scale: float, bias: bool = False):
         super().__init__()
@@ -97,12 +221,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(g.num_heads * g.v_head_dim, hidden_size, bias=False)
         self.attention_sink_bias = nn.Parameter(torch.zeros(g.num_heads)) if g.has_sink else None
 
-    def forward(self, x, cos, sin, positions, kv_cache=None):
+    def forward(self, x, cos, sin, positions, kv_cache=None, shared: SharedMasks | None = None):
         """x [b, t, hidden]; cos/sin [b, t, rotary_dim]; positions [b, t] (-1 = padding).
 
         `kv_cache`, when given, is this layer's cache: it stores the new keys/values and returns
-        everything this layer may attend to, with the key positions.
+        everything this layer may attend to, with the key positions. `shared`: the masks of this
+        forward pass, shared with the other layers (see `SharedMasks` for when that is valid).
         """
+        if self.use_sdpa:
+            return self.forward_sdpa(x, cos, sin, positions, kv_cache, shared)
         g = self.geometry
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=g.head_dim)
         k = rearrange(self.k_proj(x), "b t (g d) -> b g t d", d=g.head_dim)
@@ -115,6 +242,23 @@ class Attention(nn.Module):
         visible = visibility_mask(positions, k_pos, g.window)
         out = sink_attention(q, k, v, visible, self.attention_sink_bias, self.scale)
         return self.o_proj(rearrange(out, "b h t e -> b t (h e)"))
+
+    def forward_sdpa(self, x, cos, sin, positions, kv_cache=None, shared: SharedMasks | None = None):
+        """`forward` with `sdpa_attention` on a shared additive mask: the same result (float32 and
+        bfloat16 on the CPU: the same roundings; tests/test_fast_attention.py)."""
+        g = self.geometry
+        shared = SharedMasks(positions) if shared is None else shared
+        q = split_heads(self.q_proj(x), g.num_heads)  # [b, h, t, d]
+        k = split_heads(self.k_proj(x), g.num_kv_heads)  # [b, g, t, d]
+        v = split_heads(self.v_proj(x), g.num_kv_heads) * self.value_scale  # [b, g, t, e]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v, k_pos = kv_cache.update(k, v, positions, shared.facts)
+        else:
+            k_pos = positions
+        mask = shared.mask(k_pos, g.window, q.dtype)  # [b, 1, t, s], built by the first layer that asks
+        out = sdpa_attention(q, k, v, mask, self.attention_sink_bias, self.scale)  # [b, h, t, e]
+        return self.o_proj(merge_heads(out))
 
     def extra_repr(self) -> str:
         g = self.geometry

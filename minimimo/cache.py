@@ -23,9 +23,30 @@ Memory per sequence in bf16 for MiMo-V2-Flash (`MiMoConfig.kv_cache_bytes`):
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from .config import AttentionGeometry, MiMoConfig
+
+
+class PositionFacts:
+    """Two facts about the positions [b, t] of one forward pass that a cache write needs, each a
+    device-to-host sync (`bool`, `int`). Every layer's cache writes the same positions, so a
+    forward pass asks once and hands this object to all its layers (48 syncs become one)."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+
+    @cached_property
+    def all_real(self) -> bool:
+        """No padding (no position -1): every token is written, one scatter per tensor."""
+        return bool((self.positions >= 0).all())
+
+    @cached_property
+    def end(self) -> int:
+        """1 + the largest position."""
+        return int(self.positions.max()) + 1
 
 
 class LayerCache:
@@ -36,11 +57,15 @@ class LayerCache:
         self.v = torch.zeros(batch, geometry.num_kv_heads, capacity, geometry.v_head_dim, dtype=dtype, device=device)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
 
-    def write(self, k, v, positions, slots) -> None:
-        """Store the tokens with a position >= 0 (padding is never written) in their slots."""
-        if bool((positions >= 0).all()):  # the common case (decode): one scatter per tensor
-            self.k.scatter_(2, slots[:, None, :, None].expand_as(k), k)
-            self.v.scatter_(2, slots[:, None, :, None].expand_as(v), v)
+    def write(self, k, v, positions, slots, all_real: bool | None = None) -> None:
+        """Store the tokens with a position >= 0 (padding is never written) in their slots.
+        all_real: `PositionFacts.all_real` of these positions when the caller knows it."""
+        if all_real is None:
+            all_real = bool((positions >= 0).all())
+        if all_real:  # the common case (decode): one scatter per tensor
+            index = slots.view(slots.shape[0], 1, slots.shape[1], 1)  # [b, 1, t, 1]
+            self.k.scatter_(2, index.expand_as(k), k)
+            self.v.scatter_(2, index.expand_as(v), v)
             self.pos.scatter_(1, slots, positions)
             return
         rows, cols = (positions >= 0).nonzero(as_tuple=True)
@@ -51,7 +76,7 @@ class LayerCache:
 
     def truncate(self, keep: torch.Tensor) -> None:
         """Forget every position >= keep[b] (per row): the rollback of rejected speculative tokens."""
-        self.pos[self.pos >= keep[:, None]] = -1
+        self.pos.masked_fill_(self.pos >= keep[:, None], -1)
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
@@ -82,11 +107,13 @@ class GlobalLayerCache(LayerCache):
         self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], extra, self.v.shape[3])], dim=2)
         self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], extra), -1)], dim=1)
 
-    def update(self, k, v, positions):
-        """k [b, g, t, d], v [b, g, t, e], positions [b, t] -> keys, values, key positions to attend."""
-        self.length = max(self.length, int(positions.max()) + 1)
+    def update(self, k, v, positions, facts: PositionFacts | None = None):
+        """k [b, g, t, d], v [b, g, t, e], positions [b, t] -> keys, values, key positions to attend.
+        facts: the `PositionFacts` of these positions, shared by the layers of one forward pass."""
+        facts = PositionFacts(positions) if facts is None else facts
+        self.length = max(self.length, facts.end)
         self._grow(self.length)
-        self.write(k, v, positions, positions)
+        self.write(k, v, positions, positions, facts.all_real)
         return self.k[:, :, :self.length], self.v[:, :, :self.length], self.pos[:, :self.length]
 
 
@@ -99,15 +126,19 @@ class RingLayerCache(LayerCache):
         super().__init__(geometry, batch, geometry.window + reserve, dtype, device)
         self.capacity = geometry.window + reserve
 
-    def update(self, k, v, positions):
+    def update(self, k, v, positions, facts: PositionFacts | None = None):
         """Returns the stored slots followed by the t new tokens (queries of this step may need keys
-        that the write below overwrites), then stores the newest `capacity` tokens."""
+        that the write below overwrites), then stores the newest `capacity` tokens.
+        facts: the `PositionFacts` of these positions, shared by the layers of one forward pass."""
         keys = torch.cat([self.k, k], dim=2)
         values = torch.cat([self.v, v], dim=2)
         key_pos = torch.cat([self.pos, positions], dim=1)
-        newest = slice(max(0, k.shape[2] - self.capacity), None)  # older ones leave every later window
-        self.write(k[:, :, newest], v[:, :, newest], positions[:, newest],
-                   positions[:, newest].remainder(self.capacity))
+        all_real = None if facts is None else facts.all_real  # of all t tokens: then also of the newest
+        if k.shape[2] > self.capacity:  # older ones leave every later window
+            newest = slice(k.shape[2] - self.capacity, None)
+            k, v, positions = k[:, :, newest], v[:, :, newest], positions[:, newest]
+            all_real = all_real or None  # False may have been the dropped tokens' padding: ask again
+        self.write(k, v, positions, positions.remainder(self.capacity), all_real)
         return keys, values, key_pos
 
 

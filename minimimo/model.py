@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, SharedMasks
 from .config import MiMoConfig
 from .mlp import MLP
 from .moe import MoE
@@ -37,11 +37,12 @@ class DecoderLayer(nn.Module):
     def device(self) -> torch.device:
         return self.input_layernorm.weight.device
 
-    def forward(self, h, rope: RopeTables, positions, kv_cache=None):
-        """h [b, t, c] -> h [b, t, c]: a pre-norm attention block, then a pre-norm FFN block."""
+    def forward(self, h, rope: RopeTables, positions, kv_cache=None, shared: SharedMasks | None = None):
+        """h [b, t, c] -> h [b, t, c]: a pre-norm attention block, then a pre-norm FFN block.
+        shared: what the attention layers of this forward pass share (its masks), see `SharedMasks`."""
         g = self.geometry
         cos, sin = rope.cos_sin(g.rotary_dim, g.rope_theta, h.device)  # theta 5e6 if global, 1e4 if sliding
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, kv_cache)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, kv_cache, shared)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -141,12 +142,13 @@ class MiMoForCausalLM(nn.Module):
             start = 0 if cache is None else cache.next_position
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         embed = self.model.embed_tokens
-        h = embed(input_ids.to(embed.weight.device))  # [b, t, c]
+        h = embed(on_device(input_ids, embed.weight.device))  # [b, t, c]
         rope = RopeTables(positions, h.dtype)  # cos/sin computed once per theta, shared by the layers
+        shared = SharedMasks(positions)  # masks built once per key layout, shared by the layers
         states = [h] if keep_all else []
         for i, layer in enumerate(self.model.layers):
-            h = h.to(layer.device)  # layers placed on several devices: the activations follow
-            h = layer(h, rope, positions.to(h.device), None if cache is None else cache.layer(i))
+            h = on_device(h, layer.device)  # layers placed on several devices: the activations follow
+            h = layer(h, rope, shared.positions_on(h.device), None if cache is None else cache.layer(i), shared)
             if keep_all and i < len(self.model.layers) - 1:
                 states.append(h)
         if cache is not None:
@@ -155,12 +157,17 @@ class MiMoForCausalLM(nn.Module):
         return states
 
 
+def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on `device`; without a torch call when it is there already (`.to` costs one each layer)."""
+    return x if x.device == device else x.to(device)
+
+
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise a ValueError naming the first token id outside [0, vocab_size) (the embedding would
     otherwise fail with an IndexError on a CPU, or a device-side assert on a GPU)."""
     if input_ids.numel() == 0:
         return
-    low, high = input_ids.aminmax()
+    low, high = (int(extreme) for extreme in input_ids.aminmax())
     if low < 0 or high >= vocab_size:
         bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
         raise ValueError(f"input_ids contains token id {int(bad)}, outside the vocabulary [0, {vocab_size})")

@@ -80,7 +80,9 @@ def test_chunked_prefill_in_bfloat16_stays_close(model):
 @pytest.mark.parametrize("reserve", [0, 3])
 def test_sliding_layers_score_window_plus_chunk_keys(model, monkeypatch, reserve):
     """The memory bound itself: a sliding layer never scores more than W + reserve + chunk keys,
-    a global layer never more than the positions seen so far."""
+    a global layer never more than the positions seen so far. (The reference path, which calls
+    `sink_attention`; tests/test_fast_attention.py checks the same bound on the fast path.)"""
+    monkeypatch.setattr(minimimo.attention.Attention, "use_sdpa", False)
     seen = []
     original = minimimo.attention.sink_attention
     monkeypatch.setattr(minimimo.attention, "sink_attention",
