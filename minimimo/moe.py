@@ -29,6 +29,11 @@ matrices: here slices of the stacked parameters; `fp8.FP8Experts`, which the loa
 to keep FP8 weights on the device, answers with the same matrices dequantized for that call.
 Outputs are weighted in float32 and summed over the k choices before one cast back (in bfloat16
 rounding per expert instead would flip downstream expert choices).
+
+Decoding routes so few pairs (2 for one token, top-2) that the sorting itself (~25 torch calls,
+each costing microseconds whatever its size) outweighs the experts; `few_pairs_sum` groups up to
+`FEW_PAIRS` pairs on Python ints instead, runs the same experts on the same rows, and gives the
+same sum bit for bit (`use_few_pairs = False`: always the sorted dispatch, the reference).
 """
 
 from __future__ import annotations

@@ -28,12 +28,20 @@ import torch
 from einops import rearrange
 
 
+@functools.lru_cache(maxsize=None)
+def inverse_frequencies(rotary_dim: int, theta: float, device: str) -> torch.Tensor:
+    """inv_freq_i = theta^(-2i / rotary_dim), i < rotary_dim / 2 (float32; the same for every step)."""
+    with torch.inference_mode(False):  # kept across calls: usable with autograd even if made while generating
+        return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim))
+
+
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
     """positions [b, t] (int) -> cos, sin [b, t, rotary_dim], angles computed in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim))
+    inv_freq = inverse_frequencies(rotary_dim, theta, str(positions.device))
     angles = positions.float()[..., None] * inv_freq  # [b, t, rotary_dim/2]
     angles = torch.cat((angles, angles), dim=-1)  # both halves of a pair turn by the same angle
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +120,8 @@ class RopeTables:
         device = self.positions.device if device is None else device
         key = (rotary_dim, theta, str(device))
         if key not in self.tables:
-            cos, sin = rope_cos_sin(self.positions.to(device), rotary_dim, theta, self.dtype)
+            positions = self.positions if self.positions.device == torch.device(device) else self.positions.to(device)
+            cos, sin = rope_cos_sin(positions, rotary_dim, theta, self.dtype)
             if self.use_folded:
                 cos.folded = sin.folded = FoldedRope(cos, sin)
             self.tables[key] = cos, sin

@@ -15,7 +15,7 @@ from minimimo.hub import save_checkpoint
 from minimimo.model import prefill
 from minimimo.moe import Experts, MoE
 from minimimo.norm import RMSNorm
-from minimimo.rope import FoldedRope, RopeTables, apply_rope, rope_cos_sin
+from minimimo.rope import FoldedRope, RopeTables, apply_rope, inverse_frequencies, rope_cos_sin
 
 SWITCHES = ((Experts, "use_few_pairs"), (RMSNorm, "use_fused"), (RopeTables, "use_folded"))
 
@@ -289,3 +289,13 @@ def test_speculative_decoding_with_fast_paths_gives_the_reference_tokens(models,
         out[on] = generate(model, ids, 12, mtp_steps=2, attention_mask=mask)
     assert torch.equal(out[True], out[False])
     assert torch.equal(out[True], generate(model, ids, 12, attention_mask=mask))  # and plain greedy
+
+
+def test_rope_tables_of_a_step_cost_few_torch_calls():
+    # inv_freq depends on the geometry only: computed once (and outside inference mode, so that
+    # training can use it after generation made it), not at every step
+    with torch.inference_mode():
+        assert not inverse_frequencies(6, 1234.5, "cpu").is_inference()
+        positions = torch.arange(4)[None]
+        rope_cos_sin(positions, 8, 1e4, torch.float32)
+        assert python_ops(lambda: rope_cos_sin(positions, 8, 1e4, torch.float32)) <= 7
