@@ -65,6 +65,7 @@ def dispatch(experts: Experts, rule: str):
         if rule == "before":  # ...or the previous one, for this call
             experts.grouped_mm_ok = functools.partial(grouped_always, experts)
         experts.use_grouped_mm = rule != "loop"
+        experts.use_few_pairs = False  # the sorted dispatch under each rule (few pairs: tests/test_fast_paths.py)
         return experts(x, gate_weights, expert_ids)
     return run
 
