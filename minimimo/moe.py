@@ -178,13 +178,16 @@ class Experts(nn.Module):
                 pairs_of.setdefault(e, []).append(pair)
         grouped = self.grouped_mm_ok(x, len(pairs_of))
         experts = sorted(pairs_of) if grouped else list(pairs_of)  # grouped_mm takes the groups in expert order
-        tokens_of = {e: [pair // k for pair in pairs_of[e]] for e in experts}
-        if grouped:
-            ends = list(itertools.accumulate(len(pairs_of.get(e, ())) for e in range(num_experts)))
-            x_sorted = token_rows(x, [token for e in experts for token in tokens_of[e]])
-            outs = [self.grouped_experts(x_sorted, torch.tensor(ends, dtype=torch.int32, device=x.device))]
-        else:
-            outs = [self.expert(e, token_rows(x, tokens_of[e])) for e in experts]
+        if n == 1 and not grouped:  # one token: every expert runs on it, x itself
+            outs = [self.expert(e, x) for e in experts]
+        else:  # the held pairs' tokens grouped by expert, gathered once; each expert takes its slice
+            x_sorted = token_rows(x, [pair // k for e in experts for pair in pairs_of[e]])
+            ends = list(itertools.accumulate(len(pairs_of[e]) for e in experts))
+            if grouped:  # offsets: where each of all the experts' groups ends
+                offsets = list(itertools.accumulate(len(pairs_of.get(e, ())) for e in range(num_experts)))
+                outs = [self.grouped_experts(x_sorted, torch.tensor(offsets, dtype=torch.int32, device=x.device))]
+            else:
+                outs = [self.expert(e, x_sorted[end - len(pairs_of[e]):end]) for e, end in zip(experts, ends)]
         row_of_pair = [n * k] * (n * k)  # where each pair's output is in cat(outs); n * k: not held
         for row, pair in enumerate(pair for e in experts for pair in pairs_of[e]):
             row_of_pair[pair] = row
@@ -202,8 +205,9 @@ class Experts(nn.Module):
 
 def token_rows(x: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     """x[tokens]: a view when the tokens are consecutive (x itself when they are all of them)."""
-    if tokens == list(range(tokens[0], tokens[0] + len(tokens))):
-        return x if len(tokens) == x.shape[0] else x[tokens[0]:tokens[0] + len(tokens)]
+    first = tokens[0] if tokens else 0
+    if tokens == list(range(first, first + len(tokens))):
+        return x if len(tokens) == x.shape[0] else x[first:first + len(tokens)]
     return x[tokens]
 
 
