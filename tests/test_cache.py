@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minimimo import HybridCache, MiMoConfig, MiMoForCausalLM
-from minimimo.cache import GlobalLayerCache, RingLayerCache
+from minimimo.cache import GlobalLayerCache, PositionFacts, RingLayerCache
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,24 @@ def test_truncate_then_growth_keeps_forgotten_slots_invisible(model):
         cache.truncate(torch.tensor([8]))
         tail = model(ids[:, 8:], cache=cache)
     torch.testing.assert_close(tail, model(ids)[:, 8:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [
+    [[5], [9]],  # a decode step: every token real
+    [[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4]],  # a padded prefill longer than the ring: the padding is dropped
+    [[-1, 0, 1], [-1, -1, 0]],  # padding among the tokens kept
+])
+def test_writes_told_the_positions_facts_equal_writes_that_ask(model, rows):
+    """`PositionFacts` (asked once per forward pass and handed to every layer) changes nothing a
+    cache stores or returns, for the ring (which keeps only its newest W tokens) and the global buffer."""
+    positions = torch.tensor(rows)
+    b, t = positions.shape
+    for geometry, make in ((model.config.attention(1), lambda g: RingLayerCache(g, b, torch.float32, "cpu")),
+                           (model.config.attention(0), lambda g: GlobalLayerCache(g, b, torch.float32, "cpu"))):
+        k = torch.randn(b, geometry.num_kv_heads, t, geometry.head_dim)
+        v = torch.randn(b, geometry.num_kv_heads, t, geometry.v_head_dim)
+        told, asking = make(geometry), make(geometry)
+        for got, want in zip(told.update(k, v, positions, PositionFacts(positions)), asking.update(k, v, positions)):
+            assert torch.equal(got, want)
+        assert torch.equal(told.k, asking.k) and torch.equal(told.v, asking.v) and torch.equal(told.pos, asking.pos)
+        assert sorted(told.pos[told.pos >= 0].tolist()) == sorted(p for row in rows for p in row[-told.k.shape[2]:] if p >= 0)
