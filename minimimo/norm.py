@@ -7,10 +7,11 @@ cast back to the activation dtype *before* the weight multiply (the Llama conven
 implementation follows; in bfloat16 the order of those two roundings is visible in the logits).
 MiMo uses it before attention, before the MLP, at the end of the stack and in the MTP blocks.
 
-`RMSNorm.forward` spells the formula out in five torch calls; on the CPU, `use_fused` hands the
-float32 part to torch's `rms_norm`, one call that computes the same float32 operations in the same
-order (bit for bit, tests/test_fast_paths.py), and skips the casts that change nothing. A decode step
-runs two norms per layer, each call costing a few microseconds of dispatch whatever its size.
+`RMSNorm.forward` spells the formula out in eight torch calls; on the CPU, `use_fused` hands the
+float32 part to torch's `rms_norm`, one call with the same result bit for bit (checked for every
+width up to 139 and the usual powers of two, tests/test_fast_paths.py), and skips the casts that
+change nothing. A decode step runs two norms per layer, and each torch call costs a few
+microseconds of dispatch whatever its size.
 """
 
 import torch
@@ -34,10 +35,11 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward`'s result in two or four torch calls instead of eight."""
-        x32 = x if x.dtype == torch.float32 else x.float()
-        normed = F.rms_norm(x32, (x.shape[-1],), eps=self.eps)  # float32, as above
-        return self.weight * (normed if x.dtype == torch.float32 else normed.to(x.dtype))  # cast, then weight
+        """`forward`'s result in one torch call (float32) or four (other dtypes) instead of eight."""
+        if x.dtype == self.weight.dtype == torch.float32:  # no cast between normalising and weighting
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # torch's rms_norm would multiply by the weight before casting back: the weight comes after
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

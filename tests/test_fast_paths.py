@@ -186,7 +186,24 @@ def test_fused_rmsnorm_issues_fewer_torch_calls():
     with torch.inference_mode():
         fused = python_ops(lambda: norm(x))
         norm.use_fused = False
-        assert (fused, python_ops(lambda: norm(x))) == (2, 8)
+        assert (fused, python_ops(lambda: norm(x))) == (1, 8)
+        norm.use_fused = True
+        assert python_ops(lambda: norm(x.bfloat16())) == 5  # the input's cast, then float32, back, weight
+
+
+def test_fused_rmsnorm_equals_the_formula_at_every_width():
+    torch.manual_seed(1)
+    for c in [*range(1, 140), 255, 511, 1000, 2048, 4096]:
+        norm = RMSNorm(c, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(3, c) * 10.0 ** torch.randint(-3, 3, (3, 1))
+        for dtype in (torch.float32, torch.bfloat16):
+            norm.to(dtype)
+            norm.use_fused = True
+            fused = norm(x.to(dtype))
+            norm.use_fused = False
+            assert torch.equal(fused, norm(x.to(dtype))), (c, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
