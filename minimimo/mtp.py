@@ -45,10 +45,14 @@ class MTPBlock(nn.Module):
         self.mlp = MLP(h, config.intermediate_size)
         self.final_layernorm = RMSNorm(h, eps)
 
-    def forward(self, token_embedding, main_hidden, cos, sin, positions, kv_cache=None):
-        """token_embedding, main_hidden [b, t, c] -> normalised output [b, t, c] (feed to lm_head)."""
+    def forward(self, token_embedding, main_hidden, cos, sin, positions, kv_cache=None, at: int | None = None):
+        """token_embedding, main_hidden [b, t, c] -> normalised output [b, t, c] (feed to lm_head),
+        or with `at` only column `at`'s, [b, 1, c]: every position's keys and values still enter
+        the cache, but the MLP and the final norm run where a prediction is wanted."""
         u = self.eh_proj(torch.cat([self.enorm(token_embedding), self.hnorm(main_hidden)], dim=-1))
         x = u + self.self_attn(self.input_layernorm(u), cos, sin, positions, kv_cache)
+        if at is not None:
+            x = x[:, at, None]  # [b, 1, c]
         x = x + self.mlp(self.pre_mlp_layernorm(x))
         return self.final_layernorm(x)
 
@@ -61,17 +65,39 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList(MTPBlock(config) for _ in range(config.num_mtp_layers))
 
 
-def mtp_logits(model, k: int, tokens, main_hidden, positions, kv_cache=None) -> torch.Tensor:
+def mtp_logits(model, k: int, tokens, main_hidden, positions, kv_cache=None, *, at: int | None = None,
+               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits of MTP block k: tokens [b, t] (the t_{q+k+1}), main_hidden [b, t, c] (the h_q,
-    already pre- or post-norm as configured), positions [b, t] (the q)."""
-    block, embed = model.model.mtp.layers[k], model.model.embed_tokens
+    already pre- or post-norm as configured), positions [b, t] (the q) -> [b, t, V].
+
+    at=i: only column i's logits, [b, V] (equal to `mtp_logits(...)[:, i]`). Drafting needs one
+    prediction per row, at the newest position (the last column: catch-up positions are
+    right-aligned), while training needs them all. On MiMo-V2-Flash the LM head (4096 x 152k) and
+    the MLP (16384) cost far more per position than the keys and values the cache needs.
+    cos_sin: `mtp_rope(model, positions, dtype)` when the caller has it already (the blocks of one
+    draft share one table; each takes its columns).
+    """
+    block, embed, head = model.model.mtp.layers[k], model.model.embed_tokens, model.lm_head
     device = block.enorm.weight.device  # blocks may sit on other devices than the embedding and head
-    positions = positions.to(device)
-    g = block.geometry  # a sliding-window geometry: rope theta 1e4, like the main model's sliding layers
-    cos, sin = rope_cos_sin(positions, g.rotary_dim, g.rope_theta, main_hidden.dtype)
-    token_embedding = embed(tokens.to(embed.weight.device)).to(device)
-    out = block(token_embedding, main_hidden.to(device), cos, sin, positions, kv_cache)
-    return model.lm_head(out.to(model.lm_head.weight.device))
+    positions = on_device(positions, device)
+    cos, sin = mtp_rope(model, positions, main_hidden.dtype) if cos_sin is None else cos_sin
+    token_embedding = on_device(embed(on_device(tokens, embed.weight.device)), device)
+    out = block(token_embedding, on_device(main_hidden, device), on_device(cos, device), on_device(sin, device),
+                positions, kv_cache, at)
+    logits = head(on_device(out, head.weight.device))
+    return logits if at is None else logits[:, 0]
+
+
+def mtp_rope(model, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [b, t, rotary_dim] of the MTP blocks at positions [b, t] (all blocks share one
+    geometry: a sliding-window one, rope theta 1e4, like the main model's sliding layers)."""
+    g = model.model.mtp.layers[0].geometry
+    return rope_cos_sin(positions, g.rotary_dim, g.rope_theta, dtype)
+
+
+def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on `device`, without a torch call when it is there already (a decode step is bound by calls)."""
+    return x if x.device == device else x.to(device)
 
 
 def mtp_hidden_input(model, h_pre_norm: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ import torch
 
 from .cache import HybridCache, RingLayerCache
 from .model import prefill
-from .mtp import mtp_hidden_input, mtp_logits
+from .mtp import mtp_hidden_input, mtp_logits, mtp_rope, on_device
 from .sampling import Sampler, check_generation_args, positions_from_mask, stop_token_set, whole_number
 
 
@@ -80,7 +80,7 @@ class Rows:
     last: torch.Tensor  # [b] last position with a main hidden state (t_{last+1} is verified, not run)
     produced: torch.Tensor  # [b] new tokens so far
     stopped: torch.Tensor  # [b] bool: emitted a stop token
-    mtp_next: list[torch.Tensor]  # per MTP block [b]: the first position its cache does not hold
+    mtp_next: torch.Tensor  # [k, b] per MTP block: the first position its cache does not hold
 
     def active(self, max_new_tokens: int) -> torch.Tensor:
         return ~self.stopped & (self.produced < max_new_tokens)
@@ -97,17 +97,6 @@ class Rows:
                                                                         self.hidden.shape[2])], 1)
 
 
-def ragged_positions(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """Per row the positions start..end-1, right-aligned, left-padded with -1: [b, max(end - start)].
-
-    Right-aligned like a left-padded prompt: the newest position of every row is in the last
-    column, which is what a ring cache keeps when it is handed more tokens than it has slots.
-    """
-    width = max(1, int((end - start).max()))
-    pos = end[:, None] - width + torch.arange(width, device=start.device)
-    return torch.where((pos >= start[:, None]) & (pos >= 0), pos, -1)
-
-
 def gather_rows(buffer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """buffer [b, s, ...] at positions [b, t] (-1 -> slot 0, a harmless filler)."""
     index = positions.clamp_min(0)
@@ -122,36 +111,61 @@ def scatter_rows(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Te
     buffer[rows, positions[rows, cols]] = values[rows, cols]
 
 
+def write_rows(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer[b, positions[b, t]] = values[b, t] for every position (all >= 0): one scatter, no mask."""
+    if buffer.dim() == 3:
+        positions = positions[..., None].expand(-1, -1, buffer.shape[-1])
+    buffer.scatter_(1, positions, values)
+
+
 # --- 1. draft, 2. verify -----------------------------------------------------------------------
 
 def draft(model, state: Rows, mtp_caches, active, sampler: Sampler | None):
     """Runs MTP block j over positions mtp_next[j] .. last of every active row -> drafts [b, k],
-    and their distributions [b, k, V] when sampling (None when greedy)."""
+    and their distributions [b, k, V] when sampling (None when greedy).
+
+    Every block's positions end at `last`, so one window of the newest W positions per row
+    (W = the widest catch-up) serves them all, right-aligned: its positions, their rope table,
+    their hidden states and the verified tokens after them are gathered once per cycle, and block
+    j takes its last w_j columns. Columns before a row's mtp_next[j] (and every column of a
+    finished row) get position -1: padding, which writes nothing. Block j's token at q is
+    t_{q+j+1}: verified up to last + 1, then this cycle's drafts d1 .. dj.
+    """
+    k = len(mtp_caches)
+    lowest = torch.where(active, state.mtp_next.clamp_min(0), state.last + 1)  # [k, b] first position to run
+    widths = (state.last + 1 - lowest).amax(1).tolist()  # [k] catch-up width of each block (>= j + 1)
+    width = max(widths)
+    window = state.last[:, None] + (1 - width) + torch.arange(width, device=state.last.device)  # [b, W] .. last
+    positions = window.where(window >= lowest[:, :, None], -1)  # [k, b, W]
+    cos_sin = mtp_rope(model, window, state.hidden.dtype)  # padding columns' angles are never read
+    hidden = gather_rows(state.hidden, window)  # h_q [b, W, c]
+    verified = gather_rows(state.tokens, window + 1)  # t_{q+1} [b, W]: up to t_{last+1}
     drafts, draft_probs = [], []
-    for j, cache in enumerate(mtp_caches):
-        start = state.mtp_next[j]
-        pos = ragged_positions(start, torch.where(active, state.last + 1, start))  # [b, t]; finished rows: -1
-        inputs = gather_rows(state.tokens, (pos + j + 1).where(pos >= 0, -1))  # t_{q+j+1}, drafts past last+1
-        logits = mtp_logits(model, j, inputs, gather_rows(state.hidden, pos), pos, cache)[:, -1]  # at q = last
+    for j, (cache, w) in enumerate(zip(mtp_caches, widths)):
+        tokens = torch.cat([verified, *drafts], 1)[:, -w:]  # t_{q+j+1}: the last j are d1 .. dj
+        logits = mtp_logits(model, j, tokens, hidden[:, -w:], positions[j, :, -w:], cache, at=-1,
+                            cos_sin=(cos_sin[0][:, -w:], cos_sin[1][:, -w:]))  # [b, V] at q = last
         if sampler is None:
             guess = logits.argmax(-1)
         else:
             draft_probs.append(sampler.distribution(logits))
             guess = sampler.sample(draft_probs[-1])
-        drafts.append(guess)
-        scatter_rows(state.tokens, torch.where(active, state.last + 2 + j, -1)[:, None], guess[:, None])
-        state.mtp_next[j] = torch.where(active, state.last + 1, start)
-    return torch.stack(drafts, 1), (torch.stack(draft_probs, 1) if draft_probs else None)
+        drafts.append(guess[:, None])
+    drafts = torch.cat(drafts, 1)  # [b, k]
+    # kept in the row's buffer too, at last+2 .. last+k+1 (past what it has verified: finished rows
+    # never read them, and commit overwrites what is accepted)
+    write_rows(state.tokens, window[:, -1:] + 2 + torch.arange(k, device=drafts.device), drafts)
+    state.mtp_next = torch.where(active, state.last + 1, state.mtp_next)
+    return drafts, (torch.stack(draft_probs, 1) if draft_probs else None)
 
 
 def verify(model, state: Rows, drafts, cache, active):
     """[t_{last+1}, d1..dk] at positions last+1 .. last+k+1 in one main forward -> logits
     [b, k+1, V] and the hidden states the MTP blocks read [b, k+1, c]."""
     k = drafts.shape[1]
-    rows = torch.arange(len(state.last), device=drafts.device)
     positions = state.last[:, None] + 1 + torch.arange(k + 1, device=drafts.device)
     positions = positions.where(active[:, None], -1)  # finished rows write nothing
-    ids = torch.cat([state.tokens[rows, state.last + 1][:, None], drafts], 1)
+    ids = torch.cat([state.tokens.gather(1, state.last[:, None] + 1), drafts], 1)
     h = model.trunk(ids, positions=positions, cache=cache)[-1]
     return model.logits(h), mtp_hidden_input(model, h.to(drafts.device))
 
@@ -191,21 +205,24 @@ def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs
 
 def commit(state: Rows, drafts, accepted, next_token, hidden, active, stop, max_new_tokens) -> None:
     """Appends d1..d_a and the next token to every active row, cut after its first stop token and
-    at max_new_tokens; keeps the verified positions' hidden states and moves `last` past them."""
+    at max_new_tokens; keeps the verified positions' hidden states and moves `last` past them.
+
+    All k+1 slots are written, kept or not: what lies past a row's new `last` + 1 is never read
+    before a later cycle writes it again (the drafts come from the blocks' own outputs, hidden
+    states from a later verify), so one scatter per buffer does without a mask."""
     k = drafts.shape[1]
     slot = torch.arange(k + 1, device=drafts.device)
-    new = torch.where(slot < accepted[:, None], torch.cat([drafts, next_token[:, None]], 1),
-                      next_token[:, None])  # [b, k+1]: d1 .. d_a, the next token, (not used)
-    count = accepted + 1
+    new = torch.cat([drafts, next_token[:, None]], 1).scatter_(1, accepted[:, None], next_token[:, None])
+    count = accepted + 1  # new [b, k+1]: d1 .. d_a, the next token, (not kept)
     if len(stop):
         is_stop = torch.isin(new, stop) & (slot < count[:, None])
         first_stop = is_stop.float().argmax(1) + 1
         state.stopped |= is_stop.any(1) & active
         count = torch.where(is_stop.any(1), first_stop, count)
     count = torch.where(active, torch.minimum(count, max_new_tokens - state.produced), 0)
-    kept = slot < count[:, None]
-    scatter_rows(state.tokens, torch.where(kept, state.last[:, None] + 2 + slot, -1), new)
-    scatter_rows(state.hidden, torch.where(kept, state.last[:, None] + 1 + slot, -1), hidden)
+    first = state.last[:, None] + slot  # [b, k+1] positions last .. last + k
+    write_rows(state.tokens, first + 2, new)
+    write_rows(state.hidden, first + 1, hidden)
     state.last += count
     state.produced += count
 
@@ -216,9 +233,10 @@ def roll_back(state: Rows, cache: HybridCache, mtp_caches) -> None:
     t_{q+j+1} was already verified or an accepted draft (q + j + 1 <= last; t_{last+1} is the main
     model's own token, not the draft the block read there): accepted drafts need no second pass."""
     cache.truncate(state.last + 1)
-    for j, mtp_cache in enumerate(mtp_caches):
-        state.mtp_next[j] = torch.minimum(state.mtp_next[j], state.last - j)
-        mtp_cache.truncate(state.mtp_next[j].to(mtp_cache.pos.device))
+    shift = torch.arange(len(mtp_caches), device=state.last.device)[:, None]
+    state.mtp_next = torch.minimum(state.mtp_next, state.last - shift)  # [k, b]
+    for mtp_cache, keep in zip(mtp_caches, state.mtp_next):
+        mtp_cache.truncate(on_device(keep, mtp_cache.pos.device))
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -240,7 +258,7 @@ def start(model, input_ids, mask, k: int, max_new_tokens: int, sampler: Sampler 
                  hidden=torch.zeros(b, capacity, config.hidden_size, dtype=dtype, device=device),
                  last=mask.sum(1) - 1, produced=torch.ones(b, dtype=torch.long, device=device),
                  stopped=torch.isin(first, stop),
-                 mtp_next=[torch.zeros(b, dtype=torch.long, device=device) for _ in range(k)])
+                 mtp_next=torch.zeros(k, b, dtype=torch.long, device=device))
     scatter_rows(state.tokens, positions, input_ids)
     scatter_rows(state.hidden, positions, mtp_hidden_input(model, h.to(device)))
     state.tokens[torch.arange(b, device=device), state.last + 1] = first
@@ -283,14 +301,15 @@ def speculative_stream(model, input_ids, max_new_tokens: int, *, mtp_steps: int,
     prompt_len, emitted = mask.sum(1), 0
     while True:
         active = state.active(max_new_tokens)
-        if not active.any():  # done: all steps (fewer when every row met its stop token)
+        running = bool(active.any())
+        if not running:  # done: all steps (fewer when every row met its stop token)
             ready = int(state.produced.max()) if len(stop) and bool(state.stopped.all()) else max_new_tokens
         else:  # the steps every unfinished row has (finished rows repeat their last token)
-            ready = int(state.produced[active].min())
-        for step in new_tokens(state, prompt_len, torch.arange(emitted, ready, device=device), pad_token_id).T:
-            yield step
+            ready = int(state.produced.where(active, max_new_tokens).min())
+        if ready > emitted:
+            yield from new_tokens(state, prompt_len, torch.arange(emitted, ready, device=device), pad_token_id).T
         emitted = ready
-        if not active.any():
+        if not running:
             return
         state.reserve(int(state.last.max()) + k + 3)  # this cycle writes up to position last + k + 2
         drafts, draft_probs = draft(model, state, mtp_caches, active, sampler)

@@ -13,8 +13,9 @@ from torch.nn import functional as F
 import minimimo
 import minimimo.defaults
 from minimimo import MiMoConfig, MiMoForCausalLM, generate
+from minimimo.cache import RingLayerCache
 from minimimo.fp8 import blocks_below_max, choose_grid
-from minimimo.mtp import mtp_hidden_input, mtp_logits
+from minimimo.mtp import mtp_hidden_input, mtp_logits, mtp_rope
 from conftest import FIXTURES, REPO, SHARED_REFERENCE
 from test_components import loop_attention
 
@@ -121,3 +122,44 @@ def test_trained_default_drafts_well_and_stays_lossless():
         spec, stats = generate(model, ids, 100, attention_mask=mask, mtp_steps=k, return_stats=True)
         assert torch.equal(spec, plain), k
     assert stats.mean_accept_length > 1.8  # k = 3 drafts accepted often on code it never saw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("at", [-1, 0, 5])
+def test_mtp_logits_at_one_column_equal_the_full_computation(dtype, at):
+    """at=i (drafting asks for the newest column only) == all columns, then column i: with and
+    without a cache that wraps its ring, a left-padded row, a batch of 3, every block."""
+    model = mtp_model(window=4).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (3, 16), generator=gen)
+    hidden = torch.randn(3, 16, model.config.hidden_size, generator=gen).to(dtype)
+    positions = torch.arange(16).expand(3, 16).clone()
+    positions[1, :5] = -1  # row 1: five padding columns (never written, never seen)
+    tolerance = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    with torch.no_grad():
+        for k in range(3):
+            full = mtp_logits(model, k, ids, hidden, positions)
+            torch.testing.assert_close(mtp_logits(model, k, ids, hidden, positions, at=at), full[:, at], **tolerance)
+            rings = [RingLayerCache(model.model.mtp.layers[k].geometry, 3, dtype, "cpu", reserve=3) for _ in range(2)]
+            for ring in rings:  # 10 positions into 7 slots: the ring has wrapped
+                mtp_logits(model, k, ids[:, :10], hidden[:, :10], positions[:, :10], ring)
+            cached_full = mtp_logits(model, k, ids[:, 10:], hidden[:, 10:], positions[:, 10:], rings[0])
+            cached_at = mtp_logits(model, k, ids[:, 10:], hidden[:, 10:], positions[:, 10:], rings[1], at=at)
+            torch.testing.assert_close(cached_at, cached_full[:, at], **tolerance)
+            torch.testing.assert_close(cached_full, full[:, 10:], **tolerance)
+            assert torch.equal(rings[0].pos, rings[1].pos)  # at= still writes every position's keys
+            torch.testing.assert_close(rings[0].k, rings[1].k, **tolerance)
+
+
+def test_mtp_logits_with_a_shared_rope_table_equal_their_own():
+    """cos_sin: the drafting loop computes one table per cycle and hands each block its columns."""
+    model = mtp_model(window=4)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 9), generator=gen)
+    hidden = torch.randn(2, 9, model.config.hidden_size, generator=gen)
+    positions = torch.arange(3, 12).expand(2, 9)
+    cos, sin = mtp_rope(model, torch.arange(20).expand(2, 20), torch.float32)  # a wider table, sliced
+    with torch.no_grad():
+        for k in range(3):
+            assert torch.equal(mtp_logits(model, k, ids, hidden, positions, cos_sin=(cos[:, 3:12], sin[:, 3:12])),
+                               mtp_logits(model, k, ids, hidden, positions))

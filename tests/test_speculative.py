@@ -111,10 +111,11 @@ def oracle_drafts(model, ids, mask, n, wrong_every):
         reference[row, positions[row][keep]] = longer[row][keep]
     every = torch.tensor(wrong_every)[:, None]
 
-    def fake(model_, k, tokens, hidden, pos, cache=None):
+    def fake(model_, k, tokens, hidden, pos, cache=None, *, at=None, cos_sin=None):
         target = reference.gather(1, (pos.clamp_min(0) + k + 2).clamp_max(reference.shape[1] - 1))
         target = torch.where((pos + k) % every == 0, (target + 1) % model.config.vocab_size, target)
-        return F.one_hot(target, model.config.vocab_size).float() * 30
+        logits = F.one_hot(target, model.config.vocab_size).float() * 30
+        return logits if at is None else logits[:, at]
 
     return longer[:, :ids.shape[1] + n], fake
 
@@ -320,6 +321,26 @@ def test_bundled_mtp_caches_keep_accepted_drafts_valid(monkeypatch, bundled):
     checked = check_drafts_against_uncached_passes(monkeypatch, bundled, 3)
     stats = generate(bundled, ids, 60, attention_mask=mask, mtp_steps=3, return_stats=True)[1]
     assert len(checked) > 30 and stats.mean_accept_length > 1.3
+
+
+def test_drafting_runs_the_mlp_and_lm_head_at_the_newest_position_only():
+    """A block catches up on several positions per cycle (their keys and values enter its cache),
+    but it drafts one token per row: the MLP, the final norm and the LM head run on one column
+    (before: on every catch-up column, and the head's output was cut to the last one)."""
+    model = mtp_model(window=3)
+    ids, mask = padded_batch([9, 4], 256, seed=8)
+    widths = {"attention": [], "mlp": []}
+    hooks = [h for block in model.model.mtp.layers for h in (
+        block.self_attn.register_forward_hook(lambda m, args, out: widths["attention"].append(args[0].shape[1])),
+        block.mlp.register_forward_hook(lambda m, args, out: widths["mlp"].append(args[0].shape[1])))]
+    try:
+        spec, stats = generate(model, ids, 30, attention_mask=mask, mtp_steps=3, return_stats=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(spec, generate(model, ids, 30, attention_mask=mask))
+    assert max(widths["attention"]) > 1  # catch-up: blocks 1 and 2 read at least 2 new positions every cycle
+    assert set(widths["mlp"]) == {1} and len(widths["mlp"]) == len(widths["attention"])
 
 
 # --- speculative sampling keeps the target distribution -----------------------------------------
