@@ -180,13 +180,13 @@ class Experts(nn.Module):
         experts = sorted(pairs_of) if grouped else list(pairs_of)  # grouped_mm takes the groups in expert order
         if n == 1 and not grouped:  # one token: every expert runs on it, x itself
             outs = [self.expert(e, x) for e in experts]
-        else:  # the held pairs' tokens grouped by expert, gathered once; each expert takes its slice
+        else:  # the held pairs' tokens grouped by expert, gathered once
             x_sorted = token_rows(x, [pair // k for e in experts for pair in pairs_of[e]])
-            ends = list(itertools.accumulate(len(pairs_of[e]) for e in experts))
-            if grouped:  # offsets: where each of all the experts' groups ends
+            if grouped:  # offsets: where the group of every expert ends, empty ones included
                 offsets = list(itertools.accumulate(len(pairs_of.get(e, ())) for e in range(num_experts)))
                 outs = [self.grouped_experts(x_sorted, torch.tensor(offsets, dtype=torch.int32, device=x.device))]
-            else:
+            else:  # each expert on its slice
+                ends = itertools.accumulate(len(pairs_of[e]) for e in experts)
                 outs = [self.expert(e, x_sorted[end - len(pairs_of[e]):end]) for e, end in zip(experts, ends)]
         row_of_pair = [n * k] * (n * k)  # where each pair's output is in cat(outs); n * k: not held
         for row, pair in enumerate(pair for e in experts for pair in pairs_of[e]):
