@@ -149,11 +149,11 @@ def sdpa_attention(
     return torch.matmul(probs.view(b, g, h // g * t, s), v).view(b, h, t, v.shape[-1])
 
 
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, t, (heads d)] -> [b, heads, t, d] as a view, `rearrange(x, "b t (h d) -> b h t d")`.
+def split_heads(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """[b, t, (heads dim)] -> [b, heads, t, dim] as a view, `rearrange(x, "b t (h d) -> b h t d")`.
     One call instead of two when t = 1 (a decode step), where the transpose moves nothing."""
     b, t, _ = x.shape
-    return x.view(b, heads, 1, -1) if t == 1 else x.view(b, t, heads, -1).transpose(1, 2)
+    return x.view(b, heads, 1, dim) if t == 1 else x.view(b, t, heads, dim).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -248,9 +248,9 @@ class Attention(nn.Module):
         bfloat16 on the CPU: the same roundings; tests/test_fast_attention.py)."""
         g = self.geometry
         shared = SharedMasks(positions) if shared is None else shared
-        q = split_heads(self.q_proj(x), g.num_heads)  # [b, h, t, d]
-        k = split_heads(self.k_proj(x), g.num_kv_heads)  # [b, g, t, d]
-        v = split_heads(self.v_proj(x), g.num_kv_heads) * self.value_scale  # [b, g, t, e]
+        q = split_heads(self.q_proj(x), g.num_heads, g.head_dim)  # [b, h, t, d]
+        k = split_heads(self.k_proj(x), g.num_kv_heads, g.head_dim)  # [b, g, t, d]
+        v = split_heads(self.v_proj(x), g.num_kv_heads, g.v_head_dim) * self.value_scale  # [b, g, t, e]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v, k_pos = kv_cache.update(k, v, positions, shared.facts)
