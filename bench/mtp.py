@@ -11,6 +11,8 @@ greedy, batch 1:
   * mean acceptance length (tokens produced per main-model forward; k + 1 at most),
   * decode tokens/s of plain decoding and of speculative decoding, measured interleaved in one
     run, and their ratio (the wall-clock speed-up),
+  * what a cycle costs in plain decode steps (prefill subtracted from both: the decode-only
+    speed-up is about the acceptance length / the cycle cost),
   * the same token ids as plain greedy (asserted),
   * what one draft-verify cycle costs in plain decode steps, split into its parts (`--cycle`):
     the MTP drafts, the (k+1)-token verify forward, and the bookkeeping around them (accept,
@@ -134,28 +136,35 @@ def main(argv=None) -> int:
 
     times = {k: [] for k in range(4)}
     stats = {k: SpeculativeStats(k) for k in range(1, 4)}
+    cycle_steps = {k: [] for k in range(1, 4)}  # per run: decode time per cycle / decode time per plain step
     for _ in range(rounds):
         for prompt in prompts:
             ids = torch.tensor([prompt])
             minimimo.generate(model, ids, 4)  # warm-up
+            _, prefill_s = timed(lambda: minimimo.generate(model, ids, 1))  # the prompt and the first token
             plain, dt = timed(lambda: minimimo.generate(model, ids, new_tokens))
             times[0].append(dt)
+            step_s = (dt - prefill_s) / (new_tokens - 1)
             for k in range(1, 4):
                 (spec, st), dt = timed(lambda: minimimo.generate(model, ids, new_tokens, mtp_steps=k,
                                                                  return_stats=True))
                 assert torch.equal(spec, plain), f"k={k}: speculative output differs from plain greedy"
                 times[k].append(dt)
                 stats[k].accept_lengths += st.accept_lengths
+                cycle_steps[k].append((dt - prefill_s) / len(st.accept_lengths) / step_s)
 
     base = statistics.median(times[0])
-    print(f"\n{'k':>3} {'accept len':>11} {'histogram (1..k+1)':>24} {'median s':>9} {'tokens/s':>9} {'speed-up':>9}")
-    print(f"{0:>3} {1.0:>11.2f} {'-':>24} {base:>9.3f} {new_tokens / base:>9.1f} {1.0:>8.2f}x")
+    print(f"\n{'k':>3} {'accept len':>11} {'histogram (1..k+1)':>24} {'median s':>9} {'tokens/s':>9} {'speed-up':>9}"
+          f" {'cycle':>6}")
+    print(f"{0:>3} {1.0:>11.2f} {'-':>24} {base:>9.3f} {new_tokens / base:>9.1f} {1.0:>8.2f}x {1.0:>6.2f}")
     for k in range(1, 4):
         t = statistics.median(times[k])
         hist = " ".join(str(c) for c in stats[k].histogram().values())
         print(f"{k:>3} {stats[k].mean_accept_length:>11.2f} {hist:>24} {t:>9.3f} {new_tokens / t:>9.1f} "
-              f"{base / t:>8.2f}x")
-    print("(times include the prefill of the 96-token prompt; every speculative output equals plain greedy)")
+              f"{base / t:>8.2f}x {statistics.median(cycle_steps[k]):>6.2f}")
+    print("(times and speed-up include the prefill of the 96-token prompt; cycle: median decode time per cycle\n"
+          " in plain decode steps, prefill subtracted, split by part with --cycle; every speculative output\n"
+          " equals plain greedy)")
     return 0
 
 

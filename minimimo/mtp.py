@@ -52,7 +52,7 @@ class MTPBlock(nn.Module):
         u = self.eh_proj(torch.cat([self.enorm(token_embedding), self.hnorm(main_hidden)], dim=-1))
         x = u + self.self_attn(self.input_layernorm(u), cos, sin, positions, kv_cache)
         if at is not None:
-            x = x[:, at, None]  # [b, 1, c]
+            x = x.narrow(1, at % x.shape[1], 1)  # [b, 1, c]
         x = x + self.mlp(self.pre_mlp_layernorm(x))
         return self.final_layernorm(x)
 

@@ -143,8 +143,9 @@ def draft(model, state: Rows, mtp_caches, active, sampler: Sampler | None):
     drafts, draft_probs = [], []
     for j, (cache, w) in enumerate(zip(mtp_caches, widths)):
         tokens = torch.cat([verified, *drafts], 1)[:, -w:]  # t_{q+j+1}: the last j are d1 .. dj
-        logits = mtp_logits(model, j, tokens, hidden[:, -w:], positions[j, :, -w:], cache, at=-1,
-                            cos_sin=(cos_sin[0][:, -w:], cos_sin[1][:, -w:]))  # [b, V] at q = last
+        columns = (hidden, positions[j], *cos_sin) if w == width else \
+            (hidden[:, -w:], positions[j, :, -w:], cos_sin[0][:, -w:], cos_sin[1][:, -w:])
+        logits = mtp_logits(model, j, tokens, *columns[:2], cache, at=-1, cos_sin=columns[2:])  # [b, V] at q = last
         if sampler is None:
             guess = logits.argmax(-1)
         else:
@@ -203,9 +204,10 @@ def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs
 
 # --- 4. commit and roll back --------------------------------------------------------------------
 
-def commit(state: Rows, drafts, accepted, next_token, hidden, active, stop, max_new_tokens) -> None:
+def commit(state: Rows, drafts, accepted, next_token, hidden, active, stop, max_new_tokens) -> torch.Tensor:
     """Appends d1..d_a and the next token to every active row, cut after its first stop token and
     at max_new_tokens; keeps the verified positions' hidden states and moves `last` past them.
+    -> how many tokens each row took [b] (0 for a finished row).
 
     All k+1 slots are written, kept or not: what lies past a row's new `last` + 1 is never read
     before a later cycle writes it again (the drafts come from the blocks' own outputs, hidden
@@ -225,18 +227,29 @@ def commit(state: Rows, drafts, accepted, next_token, hidden, active, stop, max_
     write_rows(state.hidden, first + 1, hidden)
     state.last += count
     state.produced += count
+    return count
 
 
-def roll_back(state: Rows, cache: HybridCache, mtp_caches) -> None:
+def roll_back(state: Rows, cache: HybridCache, mtp_caches, count: torch.Tensor, active) -> None:
     """Every cache forgets what was not verified: the main model keeps positions up to `last` (the
     next token t_{last+1} runs in the next verify), MTP block j the positions q whose input token
     t_{q+j+1} was already verified or an accepted draft (q + j + 1 <= last; t_{last+1} is the main
-    model's own token, not the draft the block read there): accepted drafts need no second pass."""
-    cache.truncate(state.last + 1)
-    shift = torch.arange(len(mtp_caches), device=state.last.device)[:, None]
-    state.mtp_next = torch.minimum(state.mtp_next, state.last - shift)  # [k, b]
-    for mtp_cache, keep in zip(mtp_caches, state.mtp_next):
-        mtp_cache.truncate(on_device(keep, mtp_cache.pos.device))
+    model's own token, not the draft the block read there): accepted drafts need no second pass.
+
+    count [b]: the tokens each row took this cycle (`commit`). Only a cache with something to
+    forget is truncated: the main one when an active row took fewer than the k+1 positions the
+    verify wrote, block j's when a row took j tokens or fewer (before that the block held positions
+    up to the old `last`, which the row keeps: a cycle that accepts everything truncates nothing).
+    """
+    k = len(mtp_caches)
+    shift = torch.arange(k + 1, device=state.last.device)  # blocks 0 .. k-1, then the main model
+    forget = ((count <= shift[:, None]) & active).any(1).tolist()  # [k + 1]
+    if forget[k]:
+        cache.truncate(state.last + 1)
+    state.mtp_next = torch.minimum(state.mtp_next, state.last - shift[:k, None])  # [k, b]
+    for mtp_cache, keep, needed in zip(mtp_caches, state.mtp_next, forget):
+        if needed:
+            mtp_cache.truncate(on_device(keep, mtp_cache.pos.device))
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -322,8 +335,8 @@ def speculative_stream(model, input_ids, max_new_tokens: int, *, mtp_steps: int,
             next_token = sampler.sample(next_probs)
         if stats is not None:
             stats.accept_lengths += (accepted + 1)[active].tolist()
-        commit(state, drafts, accepted, next_token, hidden, active, stop, max_new_tokens)
-        roll_back(state, cache, mtp_caches)
+        count = commit(state, drafts, accepted, next_token, hidden, active, stop, max_new_tokens)
+        roll_back(state, cache, mtp_caches, count, active)
 
 
 def speculative_generate(model, input_ids, max_new_tokens: int, *, mtp_steps: int, **options):

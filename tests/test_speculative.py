@@ -135,6 +135,26 @@ def test_rejected_drafts_leave_no_trace_across_ring_wraps(monkeypatch, k, wrong_
         assert len(set(stats.accept_lengths)) > 1
 
 
+def test_a_cycle_that_accepts_every_draft_truncates_no_cache(monkeypatch):
+    """Perfect drafts: every cycle keeps all k+1 verified positions, so no cache has anything to
+    forget and none is truncated (before: every cache, every cycle). Bad drafts: they are."""
+    from minimimo.cache import HybridCache, RingLayerCache
+
+    model = mtp_model(window=3)
+    ids, mask = padded_batch([13, 6], 256, seed=2)
+    for wrong_every, expect_truncations in ((10**6, False), (2, True)):
+        plain, fake = oracle_drafts(model, ids, mask, 25, [wrong_every] * 2)  # 25 = the first token + 6 * 4
+        truncated = []
+        with monkeypatch.context() as patch:
+            patch.setattr(speculative, "mtp_logits", fake)
+            for cls in (HybridCache, RingLayerCache):
+                real = cls.truncate
+                patch.setattr(cls, "truncate", lambda self, keep, real=real: truncated.append(1) or real(self, keep))
+            spec = generate(model, ids, 25, attention_mask=mask, mtp_steps=3)
+        assert torch.equal(spec, plain)
+        assert bool(truncated) == expect_truncations
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_rows_finishing_in_different_cycles(monkeypatch, k):
     """Row 0 (the longest prompt, no padding) drafts perfectly and overshoots max_new_tokens by k
