@@ -134,7 +134,7 @@ def sdpa_attention(
     scores = scores.view(b, h, t, s)  # head (g r) read kv head g
     if scores.dtype == torch.float32:  # mask + scale * scores in one call: the reference's scores * scale
         scores = torch.add(mask, scores, alpha=scale)  # where visible (0 + x is exact), the lowest value where not
-    else:  # add would round alpha to bfloat16 first
+    else:  # add would first round alpha to the (16-bit) dtype
         scores = scores * scale + mask
     if sink_logit is not None:  # the sink: one more column with its logit
         sink = sink_logit if sink_logit.dtype == scores.dtype else sink_logit.to(scores.dtype)
