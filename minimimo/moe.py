@@ -204,7 +204,10 @@ class Experts(nn.Module):
 
 
 def token_rows(x: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-    """x[tokens]: a view when the tokens are consecutive (x itself when they are all of them)."""
+    """x[tokens]: a view when the tokens are consecutive (x itself when they are all of them), one
+    call (where indexing by a list takes four) when there is one token."""
+    if x.shape[0] == 1:
+        return x if len(tokens) == 1 else x.repeat(len(tokens), 1)
     first = tokens[0] if tokens else 0
     if tokens == list(range(first, first + len(tokens))):
         return x if len(tokens) == x.shape[0] else x[first:first + len(tokens)]
