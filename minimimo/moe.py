@@ -30,7 +30,7 @@ to keep FP8 weights on the device, answers with the same matrices dequantized fo
 Outputs are weighted in float32 and summed over the k choices before one cast back (in bfloat16
 rounding per expert instead would flip downstream expert choices).
 
-Decoding routes so few pairs (2 for one token, top-2) that the sorting itself (~25 torch calls,
+Decoding routes so few pairs (2 for one token, top-2) that the sorting itself (~30 torch calls,
 each costing microseconds whatever its size) outweighs the experts; `few_pairs_sum` groups up to
 `FEW_PAIRS` pairs on Python ints instead, runs the same experts on the same rows, and gives the
 same sum bit for bit (`use_few_pairs = False`: always the sorted dispatch, the reference).
@@ -165,7 +165,7 @@ class Experts(nn.Module):
         """`weighted_sum` for a few (token, expert) pairs, as while decoding: the same result, bit
         for bit, with far fewer torch calls.
 
-        The sorted dispatch spends ~25 torch calls (where, argsort, bincount, cumsum, nonzero,
+        The sorted dispatch spends ~30 torch calls (where, argsort, bincount, cumsum, nonzero,
         index_copy_, ...) grouping the pairs by expert: for one token and top-2, more than the two
         experts cost. Here the ids are read once (`tolist`) and grouped on Python ints. Each expert
         still runs on its tokens in (n k) order, the rows of the sorted dispatch (grouped_mm gets

@@ -143,8 +143,8 @@ def test_decoding_one_token_issues_few_torch_calls_in_the_moe():
         fast = python_ops(lambda: moe(x))
         moe.experts.use_few_pairs = False
         ref = python_ops(lambda: moe(x))
-    assert ref >= 60  # the sorted dispatch: ~50 calls for 2 experts
-    assert fast <= 36, fast  # router 8, ids 2, 2 experts x 8, weighting 5, reshapes 3
+    assert ref >= 60  # the sorted dispatch: ~30 calls around the 2 experts' 16
+    assert fast <= 33, fast  # router 8, ids 2, 2 experts x 8, stacking and weighting 5, reshapes 2
 
 
 def test_router_gives_the_float32_formula():
