@@ -10,10 +10,12 @@ from .chat import Conversation, format_chat, parse_reply
 from .checkpoint import CheckpointError, load
 from .config import MiMoConfig
 from .defaults import default_checkpoint
+from .fastpaths import reference_paths
 from .generate import generate, stream
 from .model import MiMoForCausalLM
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["MiMoConfig", "MiMoForCausalLM", "HybridCache", "load", "generate", "stream", "CheckpointError",
-           "Tokenizer", "Conversation", "format_chat", "parse_reply", "default_checkpoint", "__version__"]
+           "Tokenizer", "Conversation", "format_chat", "parse_reply", "default_checkpoint",
+           "reference_paths", "__version__"]

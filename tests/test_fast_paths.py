@@ -286,11 +286,10 @@ def test_model_with_fast_paths_decodes_as_the_reference(models, kind, monkeypatc
     ids = torch.randint(1, 256, (2, 11), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # row 1 is left-padded
-    runs = {}
     with torch.no_grad():
-        for on in (True, False):
-            set_fast_paths(monkeypatch, on)
-            runs[on] = decode(model, ids, mask, 9, chunk=4)  # 20 positions through a 3-token window
+        runs = {True: decode(model, ids, mask, 9, chunk=4)}  # 20 positions through a 3-token window
+        with minimimo.reference_paths():  # every fast path off, attention's included
+            runs[False] = decode(model, ids, mask, 9, chunk=4)
     assert torch.equal(runs[True][0], runs[False][0])
     assert torch.equal(runs[True][1], runs[False][1])
 
@@ -300,10 +299,9 @@ def test_speculative_decoding_with_fast_paths_gives_the_reference_tokens(models,
     ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    out = {}
-    for on in (True, False):
-        set_fast_paths(monkeypatch, on)
-        out[on] = generate(model, ids, 12, mtp_steps=2, attention_mask=mask)
+    out = {True: generate(model, ids, 12, mtp_steps=2, attention_mask=mask)}
+    with minimimo.reference_paths():
+        out[False] = generate(model, ids, 12, mtp_steps=2, attention_mask=mask)
     assert torch.equal(out[True], out[False])
     assert torch.equal(out[True], generate(model, ids, 12, attention_mask=mask))  # and plain greedy
 
@@ -316,3 +314,18 @@ def test_rope_tables_of_a_step_cost_few_torch_calls():
         positions = torch.arange(4)[None]
         rope_cos_sin(positions, 8, 1e4, torch.float32)
         assert python_ops(lambda: rope_cos_sin(positions, 8, 1e4, torch.float32)) <= 7
+
+
+def test_reference_paths_turns_every_fast_path_off_and_back():
+    from minimimo.fastpaths import FAST_PATHS
+    before = [getattr(owner, name) for owner, name in FAST_PATHS]
+    assert all(before)  # the fast paths are the default
+    with pytest.raises(RuntimeError), minimimo.reference_paths():
+        assert not any(getattr(owner, name) for owner, name in FAST_PATHS)
+        raise RuntimeError("leaving the block by an exception restores the switches too")
+    assert [getattr(owner, name) for owner, name in FAST_PATHS] == before
+    switches = {name for owner, name in FAST_PATHS}  # every class switch of the package is listed
+    for module in (minimimo.attention, minimimo.moe, minimimo.norm, minimimo.rope):
+        for value in vars(module).values():
+            if isinstance(value, type):
+                assert {n for n in vars(value) if n.startswith("use_")} <= switches, value
