@@ -42,8 +42,9 @@ Printed:
                  eager's (asserted).
   steady         ms/step of eager and of each variant: median over `--rounds` interleaved rounds
                  (eager, variant, eager, ... in alternating order), each round `--steps` steps.
-  break-even     compile time / time saved per step: the tokens a run must decode before the
-                 compile has paid for itself (none when the variant is not faster).
+  break-even     compile time / time saved per step: the decode steps a run must take before the
+                 compile has paid for itself (each step makes `--batch` tokens; "never" when the
+                 variant is not faster).
 
 If compiling fails, the script says why in one line and exits 0 with what it measured: it is a
 measurement, not a feature.
@@ -385,7 +386,7 @@ def main(argv=None) -> None:
     eager_ms = statistics.median(measured["eager"]) * 1e3
     print(f"\n== steady decode, median of {args.rounds} interleaved rounds of {args.steps} steps "
           f"(median step of each) | graphs compiled while timing: {late} | {load_average()} ==")
-    print(f"  {'variant':13s} {'ms/step':>9s} {'vs eager':>9s} {'compile s':>10s} {'break-even tokens':>18s}")
+    print(f"  {'variant':13s} {'ms/step':>9s} {'vs eager':>9s} {'compile s':>10s} {'break-even steps':>18s}")
     for name, samples in measured.items():
         ms = statistics.median(samples) * 1e3
         compile_s = compile_seconds.get(name)
@@ -397,8 +398,8 @@ def main(argv=None) -> None:
             even = "never (slower)"
         compile_text = "-" if compile_s is None else f"{compile_s:.1f}"
         print(f"  {name:13s} {ms:9.2f} {eager_ms / ms:8.2f}x {compile_text:>10s} {even:>18s}")
-    print("break-even: compile s / (eager - variant) per step, against eager; 'static' against 'static eager' "
-          "is the compiler's own share")
+    print(f"break-even: compile s / (eager - variant) per step, against eager (x {b} tokens per step); "
+          "'static' against 'static eager' is the compiler's own share")
 
 
 if __name__ == "__main__":
