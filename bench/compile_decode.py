@@ -355,7 +355,7 @@ def main(argv=None) -> None:
             except Exception as error:  # a measurement, not a feature: say why and keep what was measured
                 line = (str(error).strip().splitlines() or [""])[0][:200]
                 print(f"\n{variant}: compiling failed: {type(error).__name__}: {line}")
-                traceback.print_exc(limit=-3, file=sys.stdout)
+                traceback.print_exc(limit=-3)  # the last frames, on stderr
                 continue
             ok = bool(torch.equal(got, eager_ids))
             recompiled = [i for i, n in enumerate(graphs) if n and i > 0]
