@@ -20,7 +20,7 @@ from .config import MiMoConfig
 from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm
-from .mtp import MTP
+from .mtp import MTP, on_device
 from .rope import RopeTables
 
 
@@ -155,11 +155,6 @@ class MiMoForCausalLM(nn.Module):
             cache.advance(positions)
         states.append(h)
         return states
-
-
-def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """x on `device`; without a torch call when it is there already (`.to` costs one each layer)."""
-    return x if x.device == device else x.to(device)
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
