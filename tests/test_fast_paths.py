@@ -17,13 +17,6 @@ from minimimo.moe import Experts, MoE
 from minimimo.norm import RMSNorm
 from minimimo.rope import FoldedRope, RopeTables, apply_rope, inverse_frequencies, rope_cos_sin
 
-SWITCHES = ((Experts, "use_few_pairs"), (RMSNorm, "use_fused"), (RopeTables, "use_folded"))
-
-
-def set_fast_paths(monkeypatch, on: bool) -> None:
-    for cls, name in SWITCHES:
-        monkeypatch.setattr(cls, name, on)
-
 
 def python_ops(fn) -> int:
     """How many aten operators `fn()` issues from Python (those with no aten operator above them)."""
