@@ -94,14 +94,14 @@ def build_models(config: MiMoConfig):
     return ours, theirs
 
 
-def ours_generate(model, ids, mask, new):
-    return minimimo.generate(model, ids, new, attention_mask=mask)
+def ours_generate(model, ids, mask, new, compile=False):
+    return minimimo.generate(model, ids, new, attention_mask=mask, compile=compile)
 
 
-def ours_first_token(model, ids, mask):
+def ours_first_token(model, ids, mask, compile=False):
     """Prefill + the first greedy token, as `stream` delivers it (generate would also run the
     forward that feeds that token back)."""
-    tokens = minimimo.stream(model, ids, 1, attention_mask=mask)
+    tokens = minimimo.stream(model, ids, 1, attention_mask=mask, compile=compile)
     first = next(tokens)
     tokens.close()
     return first
@@ -127,40 +127,66 @@ def bench_decode(args, config, ours, theirs) -> None:
     print(f"\n== 1. greedy generation: prompt {p} tokens, {n} new tokens ==")
     print("ttft = prefill + first token; decode = total - ttft (the other "
           f"{n - 1} tokens, per round); tok/s = batch x tokens / time; medians over interleaved rounds")
+    names = {"mm": "minimimo", "hf": "transformers"}
+    if args.compile:
+        names["mc"] = "compiled"
+        print("compiled = minimimo.generate(..., compile=True): the decode steps under torch.compile "
+              "(static_decode.py); its compile time is measured apart, on the first call of each batch size")
+    runs = {"mm": (lambda ids, mask, new: ours_generate(ours, ids, mask, new),
+                   lambda ids, mask: ours_first_token(ours, ids, mask)),
+            "hf": (lambda ids, mask, new: theirs_generate(theirs, ids, mask, new),
+                   lambda ids, mask: theirs_generate(theirs, ids, mask, 1)),
+            "mc": (lambda ids, mask, new: ours_generate(ours, ids, mask, new, compile=True),
+                   lambda ids, mask: ours_first_token(ours, ids, mask, compile=True))}
     print(f"{'batch':>5s} {'model':12s} {'ttft ms':>9s} {'total ms':>9s} {'decode ms':>9s} {'ms/step':>8s} "
           f"{'decode tok/s':>12s} {'e2e tok/s':>10s}")
     summary = []
     for batch in args.batches:
         ids, mask = prompts(batch, p, config.vocab_size, seed=batch)
         with torch.inference_mode():
-            a = ours_generate(ours, ids, mask, n)  # the parity run is also the warm-up of both
+            a = ours_generate(ours, ids, mask, n)  # the parity runs are also the warm-ups
             b = theirs_generate(theirs, ids, mask, n)
             assert torch.equal(a, b), f"batch {batch}: token ids differ at {first_mismatch(a, b)}"
             assert torch.equal(ours_first_token(ours, ids, mask), a[:, p])
-            t = {f"{m}_{k}": [] for m in ("mm", "hf") for k in ("ttft", "total")}
+            if args.compile:
+                first_call = time.perf_counter()
+                c = ours_generate(ours, ids, mask, n, compile=True)  # compiles for this batch size
+                first_call = time.perf_counter() - first_call
+                assert torch.equal(c, a), f"batch {batch}: compiled ids differ at {first_mismatch(c, a)}"
+            t = {f"{m}_{k}": [] for m in names for k in ("ttft", "total")}
             start, rounds = time.perf_counter(), 0
             while rounds < args.min_rounds or (rounds < args.max_rounds and time.perf_counter() - start < args.budget):
-                t["mm_ttft"].append(timed(lambda: ours_first_token(ours, ids, mask)))
-                t["hf_ttft"].append(timed(lambda: theirs_generate(theirs, ids, mask, 1)))
-                t["mm_total"].append(timed(lambda: ours_generate(ours, ids, mask, n)))
-                t["hf_total"].append(timed(lambda: theirs_generate(theirs, ids, mask, n)))
+                for m in names:
+                    t[f"{m}_ttft"].append(timed(lambda: runs[m][1](ids, mask)))
+                for m in names:
+                    t[f"{m}_total"].append(timed(lambda: runs[m][0](ids, mask, n)))
                 rounds += 1
-        dec = {m: [tot - ttft for tot, ttft in zip(t[f"{m}_total"], t[f"{m}_ttft"])] for m in ("mm", "hf")}
+        dec = {m: [tot - ttft for tot, ttft in zip(t[f"{m}_total"], t[f"{m}_ttft"])] for m in names}
         med = {k: statistics.median(v) for k, v in (t | {f"{m}_decode": d for m, d in dec.items()}).items()}
-        for m, name in (("mm", "minimimo"), ("hf", "transformers")):
+        for m, name in names.items():
             d = med[f"{m}_decode"]
             print(f"{batch:5d} {name:12s} {fmt_ms(med[m + '_ttft'])} {fmt_ms(med[m + '_total'])} {fmt_ms(d)} "
                   f"{d / (n - 1) * 1e3:8.2f} {batch * (n - 1) / d:12.1f} {batch * n / med[m + '_total']:10.1f}")
-        decode_ratio = med["hf_decode"] / med["mm_decode"]
-        paired = statistics.median(h / o for h, o in zip(dec["hf"], dec["mm"]))
-        total_ratio = med["hf_total"] / med["mm_total"]
-        ttft_ratio = med["hf_ttft"] / med["mm_ttft"]
         rows = "" if batch == 1 else f", real lengths {mask.sum(1).tolist()}"
-        print(f"{'':5s} minimimo/transformers speed: decode {decode_ratio:.2f}x (paired {paired:.2f}x), "
-              f"total {total_ratio:.2f}x, ttft {ttft_ratio:.2f}x | ids equal | {rounds} rounds{rows}")
-        summary.append((batch, decode_ratio, paired, total_ratio))
-    print("decode speed ratio minimimo/transformers (> 1: minimimo faster; goal >= 1.5): "
-          + ", ".join(f"batch {b}: {r:.2f}x (paired {pr:.2f}x)" for b, r, pr, _ in summary))
+        ratios = {}
+        for m in [m for m in names if m != "hf"]:
+            decode_ratio = med["hf_decode"] / med[f"{m}_decode"]
+            paired = statistics.median(h / o for h, o in zip(dec["hf"], dec[m]))
+            total_ratio = med["hf_total"] / med[f"{m}_total"]
+            ttft_ratio = med["hf_ttft"] / med[f"{m}_ttft"]
+            print(f"{'':5s} {names[m]}/transformers speed: decode {decode_ratio:.2f}x (paired {paired:.2f}x), "
+                  f"total {total_ratio:.2f}x, ttft {ttft_ratio:.2f}x | ids equal | {rounds} rounds{rows}")
+            ratios[m] = (decode_ratio, paired)
+        if args.compile:
+            compile_s = first_call - med["mc_total"]
+            saved = (med["mm_decode"] - med["mc_decode"]) / (n - 1)  # seconds per step
+            even = f"{compile_s / saved:,.0f} steps ({batch * compile_s / saved:,.0f} tokens)" if saved > 0 else "never"
+            print(f"{'':5s} compile: first call {first_call:.1f} s, of which compiling ~{compile_s:.1f} s; "
+                  f"compiled/eager decode {med['mm_decode'] / med['mc_decode']:.2f}x; pays for itself after {even}")
+        summary.append((batch, ratios))
+    for m in [m for m in names if m != "hf"]:
+        print(f"decode speed ratio {names[m]}/transformers (> 1: faster; goal >= 1.5): "
+              + ", ".join(f"batch {b}: {r[m][0]:.2f}x (paired {r[m][1]:.2f}x)" for b, r in summary))
 
 
 # ------------------------------------------------------------------------------------------- 2. cache
@@ -315,6 +341,8 @@ def main(argv=None) -> None:
     p.add_argument("--new", type=int, default=None, help="new tokens (default 128, quick 16)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time generate(..., compile=True), with its compile time (about a minute per batch size)")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-cache", action="store_true")
     p.add_argument("--profile", action="store_true", help="profile minimimo decode steps afterwards")

@@ -113,7 +113,8 @@ def stream_text(model, tokenizer, prompt_ids, args, stop_ids, *, interruptible: 
     try:
         for token in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_token_ids=stop_ids,
-                            mtp_steps=getattr(args, "mtp_steps", 0) or 0, stats=stats):
+                            mtp_steps=getattr(args, "mtp_steps", 0) or 0, stats=stats,
+                            compile=getattr(args, "compile", False)):
             if first is None:
                 first = time.perf_counter()  # prefill done, first token chosen
             token_id = int(token[0])
@@ -418,6 +419,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mtp-steps", type=integer(0), default=0,
                    help="draft this many tokens per step with the MTP blocks (1 to the checkpoint's number of "
                         "blocks) and print the acceptance histogram; 0 = plain decoding")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile (static_decode.py): compiling takes tens of seconds, "
+                        "each step is then faster; pays off for long outputs (not with --mtp-steps)")
     add_sampling(p, max_new_tokens=64)
     p = command("chat", "interactive chat in the ChatML format (thinking off unless --think); when the context "
                 "fills, the oldest turns are forgotten", cmd_chat)

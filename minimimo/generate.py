@@ -20,20 +20,29 @@ from .cache import HybridCache
 from .model import prefill
 from .sampling import check_generation_args, next_token, positions_from_mask, stop_token_set, whole_number
 from .speculative import SpeculativeStats, speculative_generate, speculative_stream
+from .static_decode import StaticCache, check_static_model, compiled_decode_step
 
 
 @torch.no_grad()
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, seed: int | None = None, stop_token_ids=None,
            attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None, mtp_steps: int = 0,
-           stats: SpeculativeStats | None = None) -> Iterator[torch.Tensor]:
+           stats: SpeculativeStats | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yields the next token of every row ([batch] LongTensor) as soon as it is chosen.
 
     A row that has emitted a stop token keeps yielding `pad_token_id` (default: its stop token)
     until every row has stopped; then the stream ends. mtp_steps=k drafts with the MTP blocks
     (`speculative.speculative_stream`): the same tokens, in bursts of up to k + 1 per main forward;
-    `stats` collects the acceptance lengths.
+    `stats` collects the acceptance lengths. compile=True decodes with `static_decode_step` under
+    `torch.compile` (`static_decode.py`): the first call compiles for a while (tens of seconds on
+    a CPU), then each step costs a fraction of an eager one; the tokens are the same.
     """
+    if compile not in (True, False):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile and mtp_steps:
+        raise ValueError("compile=True decodes one token per step; it does not draft with MTP (use mtp_steps=0)")
+    if compile:
+        check_static_model(model)
     if whole_number("mtp_steps", mtp_steps):
         yield from speculative_stream(model, input_ids, max_new_tokens, mtp_steps=mtp_steps, temperature=temperature,
                                       top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
@@ -49,6 +58,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     cache = HybridCache(model.config, b, dtype=model.dtype, device=model.layer_devices(), max_length=t + max_new_tokens)
     logits = model.logits(prefill(model, input_ids, cache, positions=positions)[:, -1])  # in chunks
+    if compile:  # the decode steps run on fixed-size copies of what the prefill cached
+        static, compiled = StaticCache.from_hybrid(model, cache, t + max_new_tokens), compiled_decode_step()
     next_pos = positions[:, -1] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
     filler = torch.full((b,), -1, dtype=torch.long, device=device)
@@ -64,14 +75,17 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
                 return
         if step == max_new_tokens - 1:
             return  # the last token needs no forward
-        logits = model(token[:, None], positions=next_pos[:, None], cache=cache)[:, -1]
+        if compile:
+            logits = compiled(model, static, token, next_pos)
+        else:
+            logits = model(token[:, None], positions=next_pos[:, None], cache=cache)[:, -1]
         next_pos = next_pos + 1
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, mtp_steps: int = 0,
              return_stats: bool = False, **kwargs):
     """Prompt [batch, prompt] -> [batch, prompt + new] token ids (see `stream` for the options:
-    temperature, top_k, top_p, seed, stop_token_ids, attention_mask, pad_token_id).
+    temperature, top_k, top_p, seed, stop_token_ids, attention_mask, pad_token_id, compile).
 
     mtp_steps=k (1..3) drafts k tokens per cycle with the MTP blocks and verifies them in one
     main-model forward (`speculative.py`): greedy output is the plain greedy one (token for token in
@@ -79,6 +93,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, mtp_steps: 
     main model's distribution. return_stats=True returns
     (ids, stats) with `stats.accept_lengths` (tokens produced per main-model decode forward).
     """
+    if kwargs.get("compile") and mtp_steps:
+        raise ValueError("compile=True decodes one token per step; it does not draft with MTP (use mtp_steps=0)")
     if whole_number("mtp_steps", mtp_steps):
         ids, stats = speculative_generate(model, input_ids, max_new_tokens, mtp_steps=mtp_steps, **kwargs)
         return (ids, stats) if return_stats else ids

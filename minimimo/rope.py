@@ -37,7 +37,11 @@ def inverse_frequencies(rotary_dim: int, theta: float, device: str) -> torch.Ten
 
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
     """positions [b, t] (int) -> cos, sin [b, t, rotary_dim], angles computed in float32."""
-    inv_freq = inverse_frequencies(rotary_dim, theta, str(positions.device))
+    return cos_sin_of(positions, inverse_frequencies(rotary_dim, theta, str(positions.device)), dtype)
+
+
+def cos_sin_of(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """`rope_cos_sin` with the frequencies given (`inverse_frequencies`' cached table)."""
     angles = positions.float()[..., None] * inv_freq  # [b, t, rotary_dim/2]
     angles = torch.cat((angles, angles), dim=-1)  # both halves of a pair turn by the same angle
     cos, sin = angles.cos(), angles.sin()

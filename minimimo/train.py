@@ -435,9 +435,10 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     for step in range(first_step, steps):
         for group in optimizer.param_groups:
             group["lr"] = args.distill_lr * lr_factor(step, steps, warmup)
-        tokens = random_batch(data, batch - n_self, seq, gen)
+        rows = [random_batch(data, batch - n_self, seq, gen)] if n_self < batch else []
         if n_self:
-            tokens = torch.cat([tokens, pool[torch.randint(0, len(pool), (n_self,), generator=gen)]])
+            rows.append(pool[torch.randint(0, len(pool), (n_self,), generator=gen)])
+        tokens = torch.cat(rows)
         with torch.no_grad():
             h_last = model.trunk(tokens)[-1]
             teacher = model.logits(h_last).log_softmax(-1)  # [b, t, V]: main's next-token distribution

@@ -122,6 +122,7 @@ def test_every_command_and_option_is_described_with_its_default():
     (["demo", "--model", "no/such/folder"], "no/such/folder"),  # raised by the package: one line too
     (["generate", "--prompt", "x", "--max-new-tokens", "5000"], "max_position_embeddings"),
     (["generate", "--prompt", "x", "--mtp-steps", "9"], "mtp_steps"),
+    (["generate", "--prompt", "x", "--mtp-steps", "2", "--compile"], "does not draft with MTP"),
 ])
 def test_bad_input_is_one_line_and_status_2(args, culprit):
     result = run_cli(*args)

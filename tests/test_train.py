@@ -68,17 +68,19 @@ def test_learning_rate_schedule():
     assert all(x >= y for x, y in zip(factors, factors[1:]))  # cosine decays monotonically
 
 
-def test_distillation_trains_only_the_mtp_blocks(tmp_path):
+@pytest.mark.parametrize("self_written", ["0.5", "1.0"])  # 1.0: batches of the model's own text only
+def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written):
     """Phase 2 (with a pool of the model's own greedy text) changes the MTP blocks and nothing else."""
     args = TINY[:TINY.index("--distill-steps")] + ["--steps", "2", "--distill-steps", "3", "--distill-batch", "2",
-                                                   "--distill-pool", "4", "--save-minutes", "1000"]
+                                                   "--distill-pool", "4", "--save-minutes", "1000",
+                                                   "--distill-self", self_written]
     main(args + ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     before = load(tmp_path / "work" / "phase1", dtype=torch.float32, progress=False).state_dict()
     after = load(tmp_path / "out", dtype=torch.float32, progress=False).state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(name.startswith("model.mtp.") for name in changed), sorted(changed)[:5]
     record = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert record["distill_args"]["self_written_rows_per_batch"] == 1
+    assert record["distill_args"]["self_written_rows_per_batch"] == round(2 * float(self_written))
     assert record["distill_args"]["self_written_pool"] == 4
 
 
