@@ -8,8 +8,8 @@
 gpt-fast's lever: a decode step whose shapes never change, captured whole by `torch.compile`, so
 that Python issues one call per step instead of thousands. A decode step of minimimo's benchmark
 models is bound by per-op overhead (bench/profile_decode.py: ~1300 Python-issued ops per step),
-which is exactly what a compiled graph removes. This script measures what compiling the step *as
-the package is written* gives, without changing anything in it:
+which is exactly what a compiled graph removes. This script measures what compiling the step gives,
+as the eager package is written and as the fixed-shape step:
 
   eager   `model(token, positions=..., cache=cache)` + argmax: the package's current fast paths.
   step    the same function under `torch.compile(step, dynamic=--dynamic)`: dynamo traces it,
@@ -18,14 +18,11 @@ the package is written* gives, without changing anything in it:
   ffn     only each decoder layer's FFN (`layer.mlp.forward`: the dense MLP, or the MoE router
           and experts) under `torch.compile`, the rest eager: the least invasive split (not run
           by default: `--variants ffn`).
-  static  what a break-free step would give: `StaticDecode` below, written in this script from
-          the model's own modules and minimimo's pure tensor functions, with gpt-fast's two
-          changes: fixed-size caches written in place (global layers: `max_length` slots, slot =
-          position; sliding layers: window + 1 slots, slot = position % (window + 1); the mask
-          covers every slot, empty ones being position -1), and the MoE run on gathered expert
-          weights (`gate_proj[expert_ids]`: k experts per token, no data-dependent shapes, no
-          `.tolist()`). Its cache is filled by running the prompt through it one token at a time.
-          Timed both eager ("static eager") and under `torch.compile(dynamic=False)` ("static").
+  static  the package's break-free step, `minimimo.static_decode.static_decode_step` (what
+          `generate(..., compile=True)` runs), on `StaticCache.from_hybrid` of the prefilled
+          cache: fixed-size caches written in place and an MoE whose shapes do not depend on
+          the routing. Timed both eager ("static eager") and under `torch.compile(dynamic=False)`
+          ("static"). `bench/generate.py --compile` times it inside `generate` against transformers.
 
 The model is the benchmark model of `bench/common.py` (MEDIUM: hidden 512, 8 layers, 16 experts
 top-2; `--model small`: bench/generate.py's), random weights (seed 0) saved in float32 and loaded
@@ -70,15 +67,12 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(1, str(HERE))
 
 import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
 import minimimo  # noqa: E402
 from common import MEDIUM, load_average, write_checkpoint  # noqa: E402
 from minimimo import HybridCache  # noqa: E402
-from minimimo.attention import additive_mask, merge_heads, sdpa_attention, split_heads, visibility_mask  # noqa: E402
 from minimimo.model import prefill  # noqa: E402
-from minimimo.moe import MoE  # noqa: E402
-from minimimo.rope import apply_rope, rope_cos_sin  # noqa: E402
+from minimimo.static_decode import StaticCache, static_decode_step  # noqa: E402
 
 PACKAGE = Path(minimimo.__file__).resolve().parent
 
@@ -111,70 +105,6 @@ def build(model_name: str):
     with tempfile.TemporaryDirectory(prefix="minimimo-compile-") as tmp:
         write_checkpoint(config, tmp)
         return minimimo.load(tmp, dtype=torch.float32, progress=False)
-
-
-class StaticDecode:
-    """A decode step whose shapes never change (gpt-fast's), from the model's modules; bench only.
-
-    Per layer a fixed-size cache: keys [b, g, slots, d], values [b, g, slots, e], positions
-    [b, slots] (-1 = empty), written in place at slot = position % slots (global layers: slots =
-    max_length, so slot = position; sliding layers: window + 1 slots, the window and the token
-    itself). Attention reads every slot through a mask made from the stored positions
-    (`visibility_mask`), so no length is ever a Python int. The MoE gathers the k chosen experts'
-    weights per token and runs them as batched products: the shapes depend on k, not on which
-    experts were chosen. No padding (every row's prompt is real)."""
-
-    def __init__(self, model, batch: int, max_length: int):
-        self.model = model
-        self.k, self.v, self.pos = [], [], []
-        for layer in model.model.layers:
-            g = layer.geometry
-            slots = max_length if g.window is None else g.window + 1
-            self.k.append(torch.zeros(batch, g.num_kv_heads, slots, g.head_dim, dtype=model.dtype))
-            self.v.append(torch.zeros(batch, g.num_kv_heads, slots, g.v_head_dim, dtype=model.dtype))
-            self.pos.append(torch.full((batch, slots), -1, dtype=torch.long))
-
-    def buffers(self) -> list[torch.Tensor]:
-        return self.k + self.v + self.pos
-
-    def __call__(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """token [b] at positions pos [b] -> the greedy next token [b]; the caches take this token."""
-        model = self.model
-        b = token.shape[0]
-        q_pos = pos[:, None]  # [b, 1]
-        x = model.model.embed_tokens(token[:, None])  # [b, 1, c]
-        tables = {}  # (rotary_dim, theta) -> cos, sin
-        for i, layer in enumerate(model.model.layers):
-            g, attn = layer.geometry, layer.self_attn
-            if (g.rotary_dim, g.rope_theta) not in tables:
-                tables[g.rotary_dim, g.rope_theta] = rope_cos_sin(q_pos, g.rotary_dim, g.rope_theta, x.dtype)
-            cos, sin = tables[g.rotary_dim, g.rope_theta]
-            h = layer.input_layernorm(x)
-            q = apply_rope(split_heads(attn.q_proj(h), g.num_heads, g.head_dim), cos, sin)  # [b, h, 1, d]
-            k = apply_rope(split_heads(attn.k_proj(h), g.num_kv_heads, g.head_dim), cos, sin)  # [b, g, 1, d]
-            v = split_heads(attn.v_proj(h), g.num_kv_heads, g.v_head_dim) * attn.value_scale  # [b, g, 1, e]
-            slot = q_pos % self.pos[i].shape[1]  # [b, 1]
-            self.k[i].scatter_(2, slot.view(b, 1, 1, 1).expand_as(k), k)
-            self.v[i].scatter_(2, slot.view(b, 1, 1, 1).expand_as(v), v)
-            self.pos[i].scatter_(1, slot, q_pos)
-            mask = additive_mask(visibility_mask(q_pos, self.pos[i], g.window), x.dtype)  # [b, 1, 1, slots]
-            out = sdpa_attention(q, self.k[i], self.v[i], mask, attn.attention_sink_bias, attn.scale, fused=False)
-            x = x + attn.o_proj(merge_heads(out))
-            h = layer.post_attention_layernorm(x)
-            x = x + (gathered_moe(layer.mlp, h) if isinstance(layer.mlp, MoE) else layer.mlp(h))
-        return model.logits(x[:, -1]).argmax(-1)
-
-
-def gathered_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """x [b, t, c] -> [b, t, c]: the MoE with each token's k experts' weights gathered (n = b t tokens)."""
-    b, t, c = x.shape
-    tokens = x.reshape(b * t, c)
-    gate_weights, expert_ids = moe.gate(tokens)  # [n, k]
-    experts = moe.experts
-    gate = torch.einsum("nc,nkmc->nkm", tokens, experts.gate_proj[expert_ids])  # weights [n, k, m, c]
-    up = torch.einsum("nc,nkmc->nkm", tokens, experts.up_proj[expert_ids])
-    out = torch.einsum("nkm,nkcm->nkc", F.silu(gate) * up, experts.down_proj[expert_ids])
-    return (out.float() * gate_weights[..., None]).sum(1).to(x.dtype).view(b, t, c)
 
 
 class Runner:
@@ -311,20 +241,12 @@ def main(argv=None) -> None:
         runners = {"eager": Runner(step, fresh_cache)}
         eager_ids, _, _ = runners["eager"].decode(first, first_pos, args.steps)  # also warms lazy tables
 
-        static = None
-        if "static" in args.variants:
-            static = StaticDecode(model, b, max_length)
-            for column in range(t):  # its own prefill: the prompt one token at a time
-                static_first = static(ids[:, column], positions[:, column])
-            assert torch.equal(static_first, first), "StaticDecode's prefill disagrees with minimimo's"
-            prompt_state = [buffer.clone() for buffer in static.buffers()]
-
+        if "static" in args.variants:  # the package's fixed-shape step on a copy of the prefilled cache
             def fresh_static():
-                for buffer, saved in zip(static.buffers(), prompt_state):
-                    buffer.copy_(saved)
+                return StaticCache.from_hybrid(model, prefilled, max_length)
 
-            def static_step(token, pos, state=None):
-                return static(token, pos)
+            def static_step(token, pos, state):
+                return static_decode_step(model, state, token, pos).argmax(-1)
             runners["static eager"] = Runner(static_step, fresh_static)
             got, _, _ = runners["static eager"].decode(first, first_pos, args.steps)
             print(f"static eager: greedy ids equal to eager over {args.steps} steps: {torch.equal(got, eager_ids)}")
