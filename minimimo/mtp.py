@@ -28,7 +28,7 @@ from .attention import Attention
 from .config import MiMoConfig
 from .mlp import MLP
 from .norm import RMSNorm
-from .rope import rope_cos_sin
+from .rope import RopeTables
 
 
 class MTPBlock(nn.Module):
@@ -90,9 +90,10 @@ def mtp_logits(model, k: int, tokens, main_hidden, positions, kv_cache=None, *, 
 
 def mtp_rope(model, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [b, t, rotary_dim] of the MTP blocks at positions [b, t] (all blocks share one
-    geometry: a sliding-window one, rope theta 1e4, like the main model's sliding layers)."""
+    geometry: a sliding-window one, rope theta 1e4, like the main model's sliding layers); as
+    `RopeTables` makes them, so with its fast path they carry their folded form (`rope.FoldedRope`)."""
     g = model.model.mtp.layers[0].geometry
-    return rope_cos_sin(positions, g.rotary_dim, g.rope_theta, dtype)
+    return RopeTables(positions, dtype).cos_sin(g.rotary_dim, g.rope_theta)
 
 
 def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -88,11 +88,16 @@ class FoldedRope:
     The head-wide tables are built once per head size d from the [b, t, r] ones (one pair per
     theta and step in the model, used by q and k of every layer with that theta)."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, whole: "FoldedRope | None" = None):
         self.cos, self.sin, self.by_width = cos, sin, {}
+        self.whole = whole  # the tables these are the last columns of (`last_columns`), or None
 
     def tables(self, d: int):
         """-> cos_d, sin_d [b, 1, t, d] and partner_d [d] for heads of d channels."""
+        if d not in self.by_width and self.whole is not None:  # views of the whole tables' columns
+            t = self.cos.shape[1]
+            cos_d, sin_d, partner = self.whole.tables(d)
+            self.by_width[d] = (cos_d[:, :, -t:], sin_d[:, :, -t:], partner)
         if d not in self.by_width:
             cos, sin, r = self.cos, self.sin, self.cos.shape[-1]
             passed = cos.new_zeros(*cos.shape[:-1], d - r)  # [b, t, d - r]: angle 0
@@ -106,6 +111,16 @@ class FoldedRope:
         """x [b, h, t, d] -> x rotated, as `apply_rope(x, self.cos, self.sin)`."""
         cos_d, sin_d, partner = self.tables(x.shape[-1])
         return x.index_select(-1, partner) * sin_d + x * cos_d  # this order: the result is contiguous, as cat's
+
+
+def last_columns(cos: torch.Tensor, sin: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables [b, T, r] of the last t positions, [b, t, r]; folded ones stay folded (their
+    head-wide tables are sliced, not rebuilt)."""
+    cos_t, sin_t = cos[:, -t:], sin[:, -t:]
+    folded = getattr(cos, "folded", None)
+    if folded is not None and getattr(sin, "folded", None) is folded:
+        cos_t.folded = sin_t.folded = FoldedRope(cos_t, sin_t, whole=folded)
+    return cos_t, sin_t
 
 
 class RopeTables:

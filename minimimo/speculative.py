@@ -53,6 +53,7 @@ import torch
 from .cache import HybridCache, RingLayerCache
 from .model import prefill
 from .mtp import mtp_hidden_input, mtp_logits, mtp_rope, on_device
+from .rope import last_columns
 from .sampling import Sampler, check_generation_args, positions_from_mask, stop_token_set, whole_number
 
 
@@ -144,7 +145,7 @@ def draft(model, state: Rows, mtp_caches, active, sampler: Sampler | None):
     for j, (cache, w) in enumerate(zip(mtp_caches, widths)):
         tokens = torch.cat([verified, *drafts], 1)[:, -w:]  # t_{q+j+1}: the last j are d1 .. dj
         columns = (hidden, positions[j], *cos_sin) if w == width else \
-            (hidden[:, -w:], positions[j, :, -w:], cos_sin[0][:, -w:], cos_sin[1][:, -w:])
+            (hidden[:, -w:], positions[j, :, -w:], *last_columns(*cos_sin, w))
         logits = mtp_logits(model, j, tokens, *columns[:2], cache, at=-1, cos_sin=columns[2:])  # [b, V] at q = last
         if sampler is None:
             guess = logits.argmax(-1)

@@ -15,7 +15,7 @@ from minimimo.hub import save_checkpoint
 from minimimo.model import prefill
 from minimimo.moe import Experts, MoE
 from minimimo.norm import RMSNorm
-from minimimo.rope import FoldedRope, RopeTables, apply_rope, inverse_frequencies, rope_cos_sin
+from minimimo.rope import FoldedRope, RopeTables, apply_rope, inverse_frequencies, last_columns, rope_cos_sin
 
 
 def python_ops(fn) -> int:
@@ -219,6 +219,25 @@ def test_folded_rope_equals_apply_rope(dtype, rotary_dim, head_dim, b, h, t):
     assert folded.stride() == plain.stride()  # the same memory layout for the attention after it
 
 
+@pytest.mark.parametrize("whole_first", [True, False])  # the whole tables built before or after the slice's
+def test_the_last_columns_of_folded_tables_stay_folded(whole_first):
+    """MTP drafting gives each block the last w columns of one table (`rope.last_columns`)."""
+    positions = torch.arange(3, 10).expand(2, 7)
+    cos, sin = RopeTables(positions, torch.float32).cos_sin(8, 1e4)
+    x_whole, x_last = torch.randn(2, 3, 7, 12), torch.randn(2, 3, 4, 12)
+    if whole_first:
+        apply_rope(x_whole, cos, sin)
+    cos4, sin4 = last_columns(cos, sin, 4)
+    assert isinstance(cos4.folded, FoldedRope) and cos4.folded is sin4.folded
+    plain_cos, plain_sin = rope_cos_sin(positions[:, -4:], 8, 1e4, torch.float32)
+    assert torch.equal(apply_rope(x_last, cos4, sin4), apply_rope(x_last, plain_cos, plain_sin))
+    assert torch.equal(apply_rope(x_whole, cos, sin), apply_rope(x_whole, *rope_cos_sin(positions, 8, 1e4, torch.float32)))
+    with torch.inference_mode():
+        assert python_ops(lambda: apply_rope(x_last, cos4, sin4)) == 4
+    plain4 = last_columns(plain_cos, plain_sin, 2)  # plain tables: plain slices
+    assert not hasattr(plain4[0], "folded") and torch.equal(plain4[0], plain_cos[:, -2:])
+
+
 def test_folded_rope_has_the_gradient_of_apply_rope():
     cos, sin = RopeTables(torch.arange(5)[None], torch.float32).cos_sin(8, 1e4)
     x = torch.randn(1, 2, 5, 12, requires_grad=True)
@@ -297,6 +316,20 @@ def test_speculative_decoding_with_fast_paths_gives_the_reference_tokens(models,
         out[False] = generate(model, ids, 12, mtp_steps=2, attention_mask=mask)
     assert torch.equal(out[True], out[False])
     assert torch.equal(out[True], generate(model, ids, 12, attention_mask=mask))  # and plain greedy
+
+
+def test_mtp_drafting_rotates_with_folded_tables(models, monkeypatch):
+    """The MTP blocks get folded tables too (`mtp_rope`, and `last_columns` for the blocks that
+    catch up fewer columns): no rotate-half runs while drafting, only the reference does."""
+    import minimimo.rope as rope
+    calls = []
+    rotate_half = rope.rotate_half
+    monkeypatch.setattr(rope, "rotate_half", lambda x: calls.append(1) or rotate_half(x))
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    fast = generate(models["float32"], ids, 12, mtp_steps=2)
+    assert calls == []
+    with minimimo.reference_paths():
+        assert torch.equal(generate(models["float32"], ids, 12, mtp_steps=2), fast) and calls
 
 
 def test_rope_tables_of_a_step_cost_few_torch_calls():
