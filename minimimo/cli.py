@@ -36,6 +36,7 @@ from .config import MiMoConfig, human
 from .defaults import default_checkpoint
 from .generate import stream
 from .speculative import SpeculativeStats
+from .static_decode import CompileError
 from .tokenizer import Tokenizer
 
 # Decode threads. A small model decodes a token as a few dozen small matrix products: shared over
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
         sys.stdout.flush()  # inside the try: a reader gone early is noticed here, not at exit
         return status
-    except (ValueError, OSError) as err:  # bad input, named by the package: one line, no traceback
+    except (ValueError, OSError, CompileError) as err:  # bad input (or no compiler), named: one line, no traceback
         if isinstance(err, BrokenPipeError):
             return closed_pipe()
         print(f"minimimo {args.command}: error: {err}", file=sys.stderr)

@@ -20,7 +20,7 @@ from .cache import HybridCache
 from .model import prefill
 from .sampling import check_generation_args, next_token, positions_from_mask, stop_token_set, whole_number
 from .speculative import SpeculativeStats, speculative_generate, speculative_stream
-from .static_decode import StaticCache, check_static_model, compiled_decode_step
+from .static_decode import CompileError, StaticCache, check_static_model, compiled_decode_step
 
 
 @torch.no_grad()
@@ -75,7 +75,12 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
                 return
         if step == max_new_tokens - 1:
             return  # the last token needs no forward
-        if compile:
+        if compile and step == 0:  # the call that compiles
+            try:
+                logits = compiled(model, static, token, next_pos)
+            except Exception as error:
+                raise CompileError.from_failure(error) from error
+        elif compile:
             logits = compiled(model, static, token, next_pos)
         else:
             logits = model(token[:, None], positions=next_pos[:, None], cache=cache)[:, -1]

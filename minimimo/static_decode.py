@@ -154,6 +154,16 @@ def static_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return summed.to(x.dtype).view(b, t, c)
 
 
+class CompileError(RuntimeError):
+    """torch.compile could not build the decode step (on a CPU it needs a C++ compiler)."""
+
+    @classmethod
+    def from_failure(cls, error: Exception) -> "CompileError":
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        return cls(f"torch.compile could not compile the decode step ({type(error).__name__}: {first_line}); "
+                   "on a CPU it needs a working C++ compiler. Generate without compile=True (--compile)")
+
+
 @functools.cache
 def compiled_decode_step():
     """`static_decode_step` under `torch.compile` (whole graph, static shapes), made on first use.

@@ -124,3 +124,20 @@ def test_the_compiled_step_gives_the_eager_ids():
     eager = generate(model, ids, 10, attention_mask=mask)
     compiled = generate(model, ids, 10, attention_mask=mask, compile=True)
     assert torch.equal(compiled, eager)
+
+
+def test_a_failed_compile_is_one_clear_error(monkeypatch, capsys):
+    """No C++ compiler (or any failure in torch.compile): a CompileError that says what to do,
+    and from the command line one line with status 2."""
+    def broken():
+        def step(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return step
+    monkeypatch.setattr(importlib.import_module("minimimo.generate"), "compiled_decode_step", broken)
+    model = random_model()
+    with pytest.raises(minimimo.static_decode.CompileError, match="No working C\\+\\+ compiler.*without compile=True"):
+        generate(model, torch.arange(5)[None], 4, compile=True)
+    from minimimo.cli import main
+    assert main(["generate", "--prompt", "def f(x):", "--max-new-tokens", "4", "--compile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("minimimo generate: error: torch.compile could not compile") and "Traceback" not in err
