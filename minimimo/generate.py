@@ -20,7 +20,7 @@ from .cache import HybridCache
 from .model import prefill
 from .sampling import check_generation_args, next_token, positions_from_mask, stop_token_set, whole_number
 from .speculative import SpeculativeStats, speculative_generate, speculative_stream
-from .static_decode import CompileError, StaticCache, check_static_model, compiled_decode_step
+from .static_decode import CompiledDecode, check_static_model
 
 
 @torch.no_grad()
@@ -59,7 +59,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
     cache = HybridCache(model.config, b, dtype=model.dtype, device=model.layer_devices(), max_length=t + max_new_tokens)
     logits = model.logits(prefill(model, input_ids, cache, positions=positions)[:, -1])  # in chunks
     if compile:  # the decode steps run on fixed-size copies of what the prefill cached
-        static, compiled = StaticCache.from_hybrid(model, cache, t + max_new_tokens), compiled_decode_step()
+        compiled = CompiledDecode(model, cache, t + max_new_tokens)
     next_pos = positions[:, -1] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
     filler = torch.full((b,), -1, dtype=torch.long, device=device)
@@ -75,13 +75,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
                 return
         if step == max_new_tokens - 1:
             return  # the last token needs no forward
-        if compile and step == 0:  # the call that compiles
-            try:
-                logits = compiled(model, static, token, next_pos)
-            except Exception as error:
-                raise CompileError.from_failure(error) from error
-        elif compile:
-            logits = compiled(model, static, token, next_pos)
+        if compile:
+            logits = compiled(token, next_pos)
         else:
             logits = model(token[:, None], positions=next_pos[:, None], cache=cache)[:, -1]
         next_pos = next_pos + 1

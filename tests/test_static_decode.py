@@ -6,8 +6,6 @@ Most tests run the step eagerly (`compiled_decode_step` patched to return the pl
 they check the arithmetic and `stream`'s use of it without paying for a compile; one test compiles.
 """
 
-import importlib
-
 import pytest
 import torch
 
@@ -27,8 +25,7 @@ def random_model(dtype=torch.float32, seed=0, **overrides) -> MiMoForCausalLM:
 @pytest.fixture
 def eager_static(monkeypatch):
     """`generate(..., compile=True)` running `static_decode_step` without compiling it."""
-    generate_module = importlib.import_module("minimimo.generate")  # (the package exports a function of that name)
-    monkeypatch.setattr(generate_module, "compiled_decode_step", lambda: static_decode_step)
+    monkeypatch.setattr(minimimo.static_decode, "compiled_decode_step", lambda: static_decode_step)
 
 
 def left_padded(vocab: int, lengths: list[int], seed: int = 1):
@@ -118,12 +115,15 @@ def test_what_compile_cannot_run_is_refused_by_name():
 
 def test_the_compiled_step_gives_the_eager_ids():
     """One real `torch.compile` (about half a minute on 2 cores): a padded batch of two whose
-    decode wraps the sliding rings."""
-    model = MiMoForCausalLM(MiMoConfig.tiny(num_hidden_layers=2, sliding_window_size=4)).init_weights(0).eval()
-    ids, mask = left_padded(model.config.vocab_size, [6, 3], seed=5)
-    eager = generate(model, ids, 10, attention_mask=mask)
-    compiled = generate(model, ids, 10, attention_mask=mask, compile=True)
-    assert torch.equal(compiled, eager)
+    decode wraps the sliding rings; then a second model of the same shapes and other weights, and
+    the first again (the steps after a generation's first skip guards: no stale program)."""
+    config = MiMoConfig.tiny(num_hidden_layers=2, sliding_window_size=4)
+    models = [MiMoForCausalLM(config).init_weights(seed).eval() for seed in (0, 1)]
+    ids, mask = left_padded(config.vocab_size, [6, 3], seed=5)
+    eager = [generate(model, ids, 10, attention_mask=mask) for model in models]
+    assert not torch.equal(*eager)
+    for i in (0, 1, 0):
+        assert torch.equal(generate(models[i], ids, 10, attention_mask=mask, compile=True), eager[i])
 
 
 def test_a_failed_compile_is_one_clear_error(monkeypatch, capsys):
@@ -133,7 +133,7 @@ def test_a_failed_compile_is_one_clear_error(monkeypatch, capsys):
         def step(*args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
         return step
-    monkeypatch.setattr(importlib.import_module("minimimo.generate"), "compiled_decode_step", broken)
+    monkeypatch.setattr(minimimo.static_decode, "compiled_decode_step", broken)
     model = random_model()
     with pytest.raises(minimimo.static_decode.CompileError, match="No working C\\+\\+ compiler.*without compile=True"):
         generate(model, torch.arange(5)[None], 4, compile=True)
