@@ -1,6 +1,6 @@
 """Train the embedded default: a small MiMo on Python source, on the CPU, reproducibly, resumably.
 
-    python -m minimimo.train --out minimimo/checkpoints/mimo-tiny-python --work <scratch folder>   # ~2 h, one core
+    python -m minimimo.train --out minimimo/checkpoints/mimo-tiny-python --work <scratch folder>   # ~2.5 h, one core
 
 It has the whole MiMo-V2-Flash architecture at laptop size: hybrid sliding/global attention with
 sinks, a dense layer 0 then MoE layers with the sigmoid router, and three MTP blocks. The data is
@@ -25,7 +25,10 @@ Phase 1, the main model:
 Phase 2 (`distill_mtp`) freezes the main model, read back from the phase-1 checkpoint, and trains
 only the MTP blocks to match the main model's own next-token distributions (KL divergence): a
 drafter is judged by agreement with the model it drafts for (self-distillation, as EAGLE-style
-drafters are trained).
+drafters are trained). By default every batch is text the main model wrote itself (greedy
+continuations of corpus prompts), the inputs the blocks see when drafting: measured on this
+default, 6,000 steps on that text reach acceptance 2.76 at k = 3 where 3,000 steps on half corpus
+text, half its own reached 2.53 (`bench/quality.py`).
 
 Every few minutes the whole training state (weights, optimizer, step, random generator, history)
 goes to `<work>/state.pt`; `--resume` continues from it and ends where an uninterrupted run ends.
@@ -505,12 +508,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-minutes", type=float, default=4.0, help="write the training state this often")
     p.add_argument("--stop-at", type=int, default=None,
                    help="save the state and stop after this phase-1 step, as a killed run would (tests resuming)")
-    p.add_argument("--distill-steps", type=int, default=3000, help="phase 2: MTP self-distillation steps (0: skip)")
+    p.add_argument("--distill-steps", type=int, default=6000, help="phase 2: MTP self-distillation steps (0: skip)")
     p.add_argument("--distill-lr", type=float, default=2e-3)
     p.add_argument("--distill-batch", type=int, default=16)
-    p.add_argument("--distill-self", type=float, default=0.5,
+    p.add_argument("--distill-self", type=float, default=1.0,
                    help="fraction of each phase-2 batch taken from the main model's own greedy text")
-    p.add_argument("--distill-pool", type=int, default=1024, help="greedy continuations in that pool")
+    p.add_argument("--distill-pool", type=int, default=4096, help="greedy continuations in that pool")
     return p
 
 
