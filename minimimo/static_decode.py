@@ -43,7 +43,7 @@ import torch
 from torch.nn import functional as F
 
 from .attention import additive_mask, merge_heads, sdpa_attention, split_heads, visibility_mask
-from .cache import HybridCache
+from .cache import HybridCache, LayerCache
 from .mlp import MLP
 from .moe import Experts, MoE
 from .rope import apply_rope, cos_sin_of, inverse_frequencies
@@ -64,37 +64,31 @@ def check_static_model(model) -> None:
 
 
 class StaticCache:
-    """Fixed-size per-layer caches (see the module docstring): `k`, `v`, `pos` lists, one entry per layer."""
+    """Fixed-size per-layer caches (see the module docstring): `layers[i]` is a `cache.LayerCache`
+    (keys, values, positions) of window + 1 or `max_length` rounded up slots, written in place."""
 
     SLOT_CHUNK = 256  # global slots are rounded up to whole chunks: a new prompt length seldom recompiles
 
     def __init__(self, model, batch: int, max_length: int):
-        self.k, self.v, self.pos = [], [], []
         global_slots = -(-max_length // self.SLOT_CHUNK) * self.SLOT_CHUNK
+        self.layers, self.inv_freq = [], {}
         for layer in model.model.layers:
             g, device = layer.geometry, layer.device
             slots = global_slots if g.window is None else g.window + 1
-            self.k.append(torch.zeros(batch, g.num_kv_heads, slots, g.head_dim, dtype=model.dtype, device=device))
-            self.v.append(torch.zeros(batch, g.num_kv_heads, slots, g.v_head_dim, dtype=model.dtype, device=device))
-            self.pos.append(torch.full((batch, slots), -1, dtype=torch.long, device=device))
-        self.inv_freq = {(g.rotary_dim, g.rope_theta, layer.device):  # made here: the step only reads them
-                         inverse_frequencies(g.rotary_dim, g.rope_theta, str(layer.device))
-                         for g, layer in ((layer.geometry, layer) for layer in model.model.layers)}
+            self.layers.append(LayerCache(g, batch, slots, model.dtype, device))
+            key = (g.rotary_dim, g.rope_theta, device)  # made here: the step only reads them
+            self.inv_freq[key] = inverse_frequencies(g.rotary_dim, g.rope_theta, str(device))
 
     @classmethod
     def from_hybrid(cls, model, cache: HybridCache, max_length: int) -> "StaticCache":
         """The same keys, values and positions as a filled `HybridCache`, in fixed slots.
         max_length: 1 + the largest position the decode will reach (prompt + new tokens)."""
         static = cls(model, cache.next_positions.shape[0], max_length)
-        for i, layer in enumerate(cache.layers):
-            held = layer.pos >= 0  # [b, s]
-            if held.any() and int(layer.pos.max()) >= max_length:
-                raise ValueError(f"the cache holds position {int(layer.pos.max())}, beyond max_length {max_length}")
-            rows, cols = held.nonzero(as_tuple=True)
-            slot = layer.pos[rows, cols] % static.pos[i].shape[1]
-            static.k[i][rows, :, slot] = layer.k[rows, :, cols]
-            static.v[i][rows, :, slot] = layer.v[rows, :, cols]
-            static.pos[i][rows, slot] = layer.pos[rows, cols]
+        for held, fixed in zip(cache.layers, static.layers):
+            if held.pos.numel() and int(held.pos.max()) >= max_length:
+                raise ValueError(f"the cache holds position {int(held.pos.max())}, beyond max_length {max_length}")
+            slots = held.pos.remainder(fixed.pos.shape[1])  # empty slots (-1) are not written
+            fixed.write(held.k, held.v, held.pos, slots)
         return static
 
 
@@ -102,7 +96,6 @@ def static_decode_step(model, cache: StaticCache, token: torch.Tensor, positions
     """token [b] at positions [b] -> next-token logits [b, vocab]; `cache` takes this token.
 
     `model(token[:, None], positions=..., cache=hybrid)[:, -1]` with fixed shapes."""
-    b = token.shape[0]
     q_pos = positions[:, None]  # [b, 1]
     embed = model.model.embed_tokens
     x = embed(token[:, None].to(embed.weight.device))  # [b, 1, c]
@@ -118,13 +111,10 @@ def static_decode_step(model, cache: StaticCache, token: torch.Tensor, positions
         q = apply_rope(split_heads(attn.q_proj(h), g.num_heads, g.head_dim), cos, sin)  # [b, h, 1, d]
         k = apply_rope(split_heads(attn.k_proj(h), g.num_kv_heads, g.head_dim), cos, sin)  # [b, g, 1, d]
         v = split_heads(attn.v_proj(h), g.num_kv_heads, g.v_head_dim) * attn.value_scale  # [b, g, 1, e]
-        keys, values, key_pos = cache.k[i], cache.v[i], cache.pos[i]
-        slot = pos_here % key_pos.shape[1]  # [b, 1]
-        keys.scatter_(2, slot.view(b, 1, 1, 1).expand_as(k), k)
-        values.scatter_(2, slot.view(b, 1, 1, 1).expand_as(v), v)
-        key_pos.scatter_(1, slot, pos_here)
-        mask = additive_mask(visibility_mask(pos_here, key_pos, g.window), x.dtype)  # [b, 1, 1, slots]
-        out = sdpa_attention(q, keys, values, mask, attn.attention_sink_bias, attn.scale)  # [b, h, 1, e]
+        fixed = cache.layers[i]
+        fixed.write(k, v, pos_here, pos_here % fixed.pos.shape[1], all_real=True)  # before attention
+        mask = additive_mask(visibility_mask(pos_here, fixed.pos, g.window), x.dtype)  # [b, 1, 1, slots]
+        out = sdpa_attention(q, fixed.k, fixed.v, mask, attn.attention_sink_bias, attn.scale)  # [b, h, 1, e]
         x = x + attn.o_proj(merge_heads(out))
         h = layer.post_attention_layernorm(x)
         x = x + (static_moe(layer.mlp, h) if isinstance(layer.mlp, MoE) else layer.mlp(h))
