@@ -20,7 +20,7 @@ from .cache import HybridCache
 from .model import prefill
 from .sampling import check_generation_args, next_token, positions_from_mask, stop_token_set, whole_number
 from .speculative import SpeculativeStats, speculative_generate, speculative_stream
-from .static_decode import CompiledDecode, check_static_model
+from .static_decode import CompiledDecode, check_compile_args
 
 
 @torch.no_grad()
@@ -37,12 +37,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
     `torch.compile` (`static_decode.py`): the first call compiles for a while (tens of seconds on
     a CPU), then each step costs a fraction of an eager one; the tokens are the same.
     """
-    if compile not in (True, False):
-        raise ValueError(f"compile must be True or False, got {compile!r}")
-    if compile and mtp_steps:
-        raise ValueError("compile=True decodes one token per step; it does not draft with MTP (use mtp_steps=0)")
-    if compile:
-        check_static_model(model)
+    check_compile_args(model, compile, mtp_steps)
     if whole_number("mtp_steps", mtp_steps):
         yield from speculative_stream(model, input_ids, max_new_tokens, mtp_steps=mtp_steps, temperature=temperature,
                                       top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
@@ -93,9 +88,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, mtp_steps: 
     main model's distribution. return_stats=True returns
     (ids, stats) with `stats.accept_lengths` (tokens produced per main-model decode forward).
     """
-    if kwargs.get("compile") and mtp_steps:
-        raise ValueError("compile=True decodes one token per step; it does not draft with MTP (use mtp_steps=0)")
+    check_compile_args(model, kwargs.get("compile", False), mtp_steps)
     if whole_number("mtp_steps", mtp_steps):
+        kwargs.pop("compile", None)  # False here (checked above); speculative decoding has no such option
         ids, stats = speculative_generate(model, input_ids, max_new_tokens, mtp_steps=mtp_steps, **kwargs)
         return (ids, stats) if return_stats else ids
     new = list(stream(model, input_ids, max_new_tokens, **kwargs))

@@ -49,6 +49,16 @@ from .moe import Experts, MoE
 from .rope import apply_rope, cos_sin_of, inverse_frequencies
 
 
+def check_compile_args(model, compile: bool, mtp_steps: int) -> None:
+    """`generate`/`stream`'s compile option: a bool, not with MTP drafting, on a model it can run."""
+    if compile not in (True, False):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile and mtp_steps:
+        raise ValueError("compile=True decodes one token per step; it does not draft with MTP (use mtp_steps=0)")
+    if compile:
+        check_static_model(model)
+
+
 def check_static_model(model) -> None:
     """Raise a ValueError naming what `static_decode_step` cannot run; the message says why."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

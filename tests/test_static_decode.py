@@ -105,6 +105,8 @@ def test_what_compile_cannot_run_is_refused_by_name():
         generate(model, ids, 4, compile=True, mtp_steps=2)
     with pytest.raises(ValueError, match="compile must be True or False"):
         generate(model, ids, 4, compile="yes")
+    mtp_model = MiMoForCausalLM(MiMoConfig.tiny(num_hidden_layers=2, num_mtp_layers=2)).init_weights(0).eval()
+    assert torch.equal(generate(mtp_model, ids, 4, compile=False, mtp_steps=2), generate(mtp_model, ids, 4))
     layer = model.model.layers[1]
     c = model.config
     layer.mlp.experts = FP8Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
