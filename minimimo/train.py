@@ -394,7 +394,6 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     When drafting, block k's token input is the main model's own greedy choice (or the previous
     block's draft), not corpus text; so a fraction `distill_self` of every batch is text the main
     model wrote itself: a pool of greedy continuations of corpus prompts, generated once."""
-    from .generate import generate
     from .tokenizer import Tokenizer
 
     start = time.perf_counter()
@@ -421,14 +420,10 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
         log(f"resumed phase 2 at step {first_step}")
     elif n_self:
         model.eval()
-        pool_gen, prompt_len, rows = torch.Generator().manual_seed(args.seed + 2), seq // 4, []
-        for first in range(0, args.distill_pool, 128):  # 128 rows a batch: a row costs half what it does at 32
-            n = min(128, args.distill_pool - first)
-            rows.append(generate(model, random_batch(data, n, prompt_len, pool_gen), seq - prompt_len))
-        pool = torch.cat(rows)
+        pool = self_written_pool(model, data, args.distill_pool, seq, args.seed + 2)
         model.train()
-        log(f"self-written pool: {len(pool)} greedy continuations of {seq - prompt_len} tokens after "
-            f"{prompt_len}-token corpus prompts, {(time.perf_counter() - start) / 60:.1f} min")
+        log(f"self-written pool: {len(pool)} greedy continuations of {seq - seq // 4} tokens after "
+            f"{seq // 4}-token corpus prompts, {(time.perf_counter() - start) / 60:.1f} min")
     else:
         pool = None
 
@@ -472,6 +467,20 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
                                 "self_written_pool": 0 if pool is None else len(pool)},
                "distill_history": history, "minutes_phase2": round((elapsed + time.perf_counter() - start) / 60, 1)}
     return model, summary
+
+
+@torch.no_grad()
+def self_written_pool(model, data: torch.Tensor, rows: int, seq: int, seed: int, chunk: int = 128) -> torch.Tensor:
+    """`rows` sequences [rows, seq] of the model's own text: random corpus prompts of seq // 4
+    tokens, each continued greedily to seq tokens. Generated `chunk` rows at a time: on one thread
+    a row costs 24 ms at 128 rows against 42 ms at 32 (the bundled model, 96 new tokens)."""
+    from .generate import generate
+
+    gen, prompt_len, pool = torch.Generator().manual_seed(seed), seq // 4, []
+    for first in range(0, rows, chunk):
+        prompts = random_batch(data, min(chunk, rows - first), prompt_len, gen)
+        pool.append(generate(model, prompts, seq - prompt_len))
+    return torch.cat(pool) if pool else torch.empty(0, seq, dtype=torch.long)
 
 
 def command_line(args) -> str:

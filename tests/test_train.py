@@ -9,7 +9,8 @@ import torch
 
 from minimimo import load
 from minimimo.model import MiMoForCausalLM
-from minimimo.train import bits_per_byte, lr_factor, main, small_config, summary_docstrings
+from minimimo import generate
+from minimimo.train import bits_per_byte, lr_factor, main, self_written_pool, small_config, summary_docstrings
 
 TINY = ["--steps", "6", "--batch", "2", "--seq", "32", "--vocab", "300", "--hidden", "64", "--window", "8",
         "--corpus-chars", "60000", "--val-chars", "2000", "--eval-every", "3", "--eval-context", "64",
@@ -82,6 +83,20 @@ def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written):
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["distill_args"]["self_written_rows_per_batch"] == round(2 * float(self_written))
     assert record["distill_args"]["self_written_pool"] == 4
+
+
+def test_self_written_pool_is_greedy_text_after_corpus_prompts_in_chunks():
+    """Every row: a stretch of the corpus (seq // 4 tokens), then the model's greedy continuation;
+    exactly `rows` rows, whether they fill whole chunks or not."""
+    model = MiMoForCausalLM(small_config(300, 64, 8)).init_weights(0).eval()
+    data = torch.randint(0, 300, (2000,), generator=torch.Generator().manual_seed(1))
+    windows = data.unfold(0, 4, 1)  # every 4-token stretch of the corpus
+    for rows, chunk in ((5, 2), (4, 4), (3, 128), (0, 2)):
+        pool = self_written_pool(model, data, rows, 16, seed=3, chunk=chunk)
+        assert pool.shape == (rows, 16) and pool.dtype == torch.long
+        for row in pool:
+            assert (windows == row[:4]).all(1).any()
+            assert torch.equal(generate(model, row[None, :4], 12)[0], row)
 
 
 def test_phase_one_mtp_loss_trains_the_blocks_only_when_weighted(tmp_path):
