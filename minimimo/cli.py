@@ -35,6 +35,7 @@ from .checkpoint import load, resolve
 from .config import MiMoConfig, human
 from .defaults import default_checkpoint
 from .generate import stream
+from .parallel import end_process_group, init_from_env
 from .speculative import SpeculativeStats
 from .static_decode import CompileError
 from .tokenizer import Tokenizer
@@ -77,8 +78,6 @@ def print_memory_table(config: MiMoConfig, dtype: str = "bfloat16") -> None:
 def load_model(directory: Path, args):
     """Load for this process: a tensor-parallel shard under torchrun (only rank 0 prints), else placed
     over --devices (with --weight-dtype), else on one device."""
-    from .parallel import init_from_env
-
     if init_from_env():
         import torch.distributed as dist
 
@@ -473,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130  # the shell's status for a program ended by Ctrl-C (128 + SIGINT)
+    finally:
+        end_process_group()
 
 
 def closed_pipe() -> int:

@@ -166,3 +166,21 @@ def test_generate_under_torchrun_equals_one_process(tmp_path):
                          capture_output=True, text=True, env=env, timeout=180)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert two.stdout == one.stdout and one.stdout.startswith("def main():")
+
+
+def test_the_cli_destroys_its_process_group_before_exit(tmp_path, capsys):
+    """Left to interpreter teardown, a gloo process group can abort the process (SIGABRT from its
+    worker threads), so every CLI command ends by destroying it."""
+    import torch.distributed as dist
+
+    from minimimo.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        status = main(["info", "--flash"])
+    finally:
+        left_alive = dist.is_initialized()
+        if left_alive:
+            dist.destroy_process_group()
+    assert status == 0 and "layers       48" in capsys.readouterr().out
+    assert not left_alive
