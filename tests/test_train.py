@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from minimimo import load
+from minimimo import generate, load
 from minimimo.model import MiMoForCausalLM
-from minimimo import generate
 from minimimo.train import bits_per_byte, lr_factor, main, self_written_pool, small_config, summary_docstrings
 
 TINY = ["--steps", "6", "--batch", "2", "--seq", "32", "--vocab", "300", "--hidden", "64", "--window", "8",
