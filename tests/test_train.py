@@ -9,7 +9,8 @@ import torch
 
 from minimimo import generate, load
 from minimimo.model import MiMoForCausalLM
-from minimimo.train import bits_per_byte, lr_factor, main, self_written_pool, small_config, summary_docstrings
+from minimimo.train import (bits_per_byte, lr_factor, main, self_written_pool, small_config, summary_docstrings,
+                            trunk_hidden)
 
 TINY = ["--steps", "6", "--batch", "2", "--seq", "32", "--vocab", "300", "--hidden", "64", "--window", "8",
         "--corpus-chars", "60000", "--val-chars", "2000", "--eval-every", "3", "--eval-context", "64",
@@ -68,12 +69,13 @@ def test_learning_rate_schedule():
     assert all(x >= y for x, y in zip(factors, factors[1:]))  # cosine decays monotonically
 
 
-@pytest.mark.parametrize("self_written", ["0.5", "1.0"])  # 1.0: batches of the model's own text only
-def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written):
-    """Phase 2 (with a pool of the model's own greedy text) changes the MTP blocks and nothing else."""
+@pytest.mark.parametrize("self_written, autocast", [("0.5", "bfloat16"), ("1.0", "none")])  # 1.0: own text only
+def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written, autocast):
+    """Phase 2 (with a pool of the model's own greedy text, its trunk states computed once; the
+    blocks in bfloat16 autocast or float32) changes the MTP blocks and nothing else."""
     args = TINY[:TINY.index("--distill-steps")] + ["--steps", "2", "--distill-steps", "3", "--distill-batch", "2",
                                                    "--distill-pool", "4", "--save-minutes", "1000",
-                                                   "--distill-self", self_written]
+                                                   "--distill-self", self_written, "--distill-autocast", autocast]
     main(args + ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     before = load(tmp_path / "work" / "phase1", dtype=torch.float32, progress=False).state_dict()
     after = load(tmp_path / "out", dtype=torch.float32, progress=False).state_dict()
@@ -82,6 +84,20 @@ def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written):
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["distill_args"]["self_written_rows_per_batch"] == round(2 * float(self_written))
     assert record["distill_args"]["self_written_pool"] == 4
+    assert record["distill_args"]["autocast"] == autocast
+    assert all(param.dtype == torch.float32 for param in after.values())
+
+
+def test_trunk_hidden_equals_the_trunk_row_by_row():
+    """Phase 2's cached hidden states: the trunk's last hidden states of every row, whatever the
+    chunking, with the model's training mode left as it was."""
+    model = MiMoForCausalLM(small_config(300, 64, 8)).init_weights(0).train()
+    rows = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(2))
+    hidden = trunk_hidden(model, rows, chunk=2)
+    assert hidden.shape == (5, 16, 64) and hidden.dtype == torch.float32 and model.training
+    with torch.no_grad():
+        for row, h in zip(rows, hidden):
+            torch.testing.assert_close(h, model.eval().trunk(row[None])[-1][0], rtol=1e-5, atol=1e-5)
 
 
 def test_self_written_pool_is_greedy_text_after_corpus_prompts_in_chunks():
