@@ -4,10 +4,13 @@
     python bench/experts.py --quick    # smoke run
 
 1. MoE dispatch paths (float32, CPU). `Experts.weighted_sum` runs torch's `grouped_mm` only when
-   at least a quarter of the experts received tokens, and otherwise loops over the experts that did.
-   Timed side by side on the same routed tokens: "grouped always" (the previous rule: grouped_mm
-   whenever it is available; its CPU kernel runs a matmul for every expert, empty or not), "now"
-   (the rule above) and "loop" (the readable reference, always). Same outputs asserted.
+   the (token, expert) pairs are at least as many as the experts, and otherwise loops over the
+   experts that received tokens. Timed side by side on the same routed tokens, as the model runs
+   them (the few-pairs path up to 64 pairs): "before" (the previous rule: grouped_mm once a
+   quarter of the experts received tokens; its CPU kernel runs a matmul for every expert, empty
+   or not), "now" (the rule above) and "loop" (the readable reference, always), on a layer of the
+   bundled default's shape, the medium benchmark model's and a Flash-like router. Same outputs
+   asserted.
 2. FP8 dequantization. `apply_scales` scales each [row, column block] by its one scale; before,
    it gathered a full [rows, cols] scale element by element. `FP8Linear` (a 2048 x 2048 weight,
    one strip of 1024 rows at a time) and `FP8Experts` (16 experts of 512 x 256, top-2) forwards
@@ -53,28 +56,36 @@ def race(fns: dict, *, budget_s: float, min_reps: int) -> dict:
 # ------------------------------------------------------------------------------------------- 1. dispatch
 
 
-def grouped_always(experts: Experts, x: torch.Tensor, active_experts: int) -> bool:
-    """The previous rule: grouped_mm whenever the dtype and device allow it, however many experts are idle."""
-    return Experts.grouped_mm_ok(experts, x, experts.gate_proj.shape[0])
+def quarter_rule(experts: Experts, active_experts: int):
+    """The previous rule: grouped_mm once a quarter of the experts received tokens."""
+    def ok(x: torch.Tensor, pairs: int) -> bool:
+        return Experts.grouped_mm_ok(experts, x, pairs) or (
+            Experts.grouped_mm_ok(experts, x, experts.gate_proj.shape[0]) and 4 * active_experts >= experts.gate_proj.shape[0])
+    return ok
 
 
-def dispatch(experts: Experts, rule: str):
-    """The stack's forward under `rule`: "before" (grouped_mm always), "now" or "loop" (the reference)."""
+def dispatch(experts: Experts, rule: str, active_experts: int):
+    """The stack's forward under `rule`: "before" (the quarter rule), "now" or "loop" (the reference).
+    The few-pairs path is on, as in the model: decoding runs it."""
     def run(x, gate_weights, expert_ids):
         experts.__dict__.pop("grouped_mm_ok", None)  # the class's rule...
         if rule == "before":  # ...or the previous one, for this call
-            experts.grouped_mm_ok = functools.partial(grouped_always, experts)
+            experts.grouped_mm_ok = quarter_rule(experts, active_experts)
         experts.use_grouped_mm = rule != "loop"
-        experts.use_few_pairs = False  # the sorted dispatch under each rule (few pairs: tests/test_fast_paths.py)
         return experts(x, gate_weights, expert_ids)
     return run
 
 
+BUNDLED_MOE = dict(hidden_size=128, moe_intermediate_size=192, n_routed_experts=8, num_experts_per_tok=2)
+
+
 def bench_dispatch(args) -> None:
-    print("\n== 1. MoE dispatch: grouped_mm always (before) vs only when a quarter of the experts have tokens (now) ==")
-    print(f"{'layer':34s} {'tokens':>6s} {'active':>6s} {'before ms':>9s} {'now ms':>9s} {'loop ms':>9s} "
+    print("\n== 1. MoE dispatch: grouped_mm from a quarter of the experts busy (before) vs from as many "
+          "(token, expert) pairs as experts (now) ==")
+    print(f"{'layer':42s} {'tokens':>6s} {'active':>6s} {'before ms':>9s} {'now ms':>9s} {'loop ms':>9s} "
           f"{'before/now':>10s}")
-    for label, overrides, seed in (("medium (16 experts, top-2, m=256)", MEDIUM, 2),
+    for label, overrides, seed in (("bundled default (8 experts, top-2, m=192)", BUNDLED_MOE, 1),
+                                   ("medium (16 experts, top-2, m=256)", MEDIUM, 2),
                                    ("flash-like (256 experts, top-8)", FLASH_ROUTER, 3)):
         config = MiMoConfig.tiny(**overrides)
         moe = random_moe(config, seed)
@@ -83,13 +94,13 @@ def bench_dispatch(args) -> None:
             with torch.inference_mode():
                 gate_weights, expert_ids = moe.gate(x)
                 active = int(expert_ids.unique().numel())
-                paths = {rule: functools.partial(dispatch(moe.experts, rule), x, gate_weights, expert_ids)
+                paths = {rule: functools.partial(dispatch(moe.experts, rule, active), x, gate_weights, expert_ids)
                          for rule in ("before", "now", "loop")}
                 outs = {rule: fn() for rule, fn in paths.items()}
                 for rule in ("before", "now"):
                     torch.testing.assert_close(outs[rule], outs["loop"], atol=1e-5, rtol=1e-5)
                 t = race(paths, budget_s=args.budget, min_reps=args.min_reps)
-            print(f"{label:34s} {n:6d} {active:6d} {fmt_ms(t['before'])} {fmt_ms(t['now'])} {fmt_ms(t['loop'])} "
+            print(f"{label:42s} {n:6d} {active:6d} {fmt_ms(t['before'])} {fmt_ms(t['now'])} {fmt_ms(t['loop'])} "
                   f"{t['before'] / t['now']:9.2f}x")
         moe.experts.__dict__.pop("grouped_mm_ok", None)
 
@@ -164,7 +175,7 @@ def bench_fp8(args) -> None:
                 with torch.inference_mode():
                     assert torch.equal(before(), run()), f"{label}: outputs differ"
                     t = race({"before": before, "now": run}, budget_s=args.budget, min_reps=args.min_reps)
-                print(f"{label:38s} {str(dtype).removeprefix('torch.'):>8s} {n:6d} {fmt_ms(t['before'])} "
+                print(f"{label:42s} {str(dtype).removeprefix('torch.'):>8s} {n:6d} {fmt_ms(t['before'])} "
                       f"{fmt_ms(t['now'])} {t['before'] / t['now']:9.2f}x")
 
 
@@ -177,7 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--flash-experts", action="store_true",
                    help="also 8 FP8 experts of Flash's size on one token (600 MB of FP8, slow)")
     args = p.parse_args(argv)
-    args.tokens = (1, 8, 128) if args.quick else (1, 2, 8, 32, 512)
+    args.tokens = (1, 4, 8, 128) if args.quick else (1, 2, 4, 8, 32, 512)
     args.budget, args.min_reps = (0.2, 3) if args.quick else (1.5, 5)
     if args.threads:
         torch.set_num_threads(args.threads)

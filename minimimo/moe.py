@@ -107,14 +107,15 @@ class Experts(nn.Module):
 
     use_grouped_mm = True  # False: always the per-expert loop (the readable twin)
 
-    def grouped_mm_ok(self, x: torch.Tensor, active_experts: int) -> bool:
+    def grouped_mm_ok(self, x: torch.Tensor, pairs: int) -> bool:
         # torch's grouped matmul runs the same sorted slices in one call. Used on the CPU in float32
         # only (bf16 needs 16-byte-aligned strides; CUDA untested here); the loop is its plain twin.
-        # Its CPU kernel runs a matmul for every expert, even one without tokens: with 3 in 4 experts
-        # or more idle (decoding) the loop over the active ones is cheaper (bench/experts.py)
+        # Its CPU kernel runs a matmul for every expert, even one without tokens, so it pays only
+        # once the (token, expert) pairs are at least as many as the experts; with fewer (decoding)
+        # the loop over the experts that received tokens is cheaper (bench/experts.py)
         return (self.use_grouped_mm and hasattr(F, "grouped_mm") and x.device.type == "cpu"
                 and x.dtype == torch.float32 and self.gate_proj.dtype == torch.float32
-                and 4 * active_experts >= self.gate_proj.shape[0])
+                and pairs >= self.gate_proj.shape[0])
 
     def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [n, c], gate_weights / expert_ids [n, k] -> [n, c]."""
@@ -143,7 +144,7 @@ class Experts(nn.Module):
         starts, sizes = (counts.cumsum(0) - counts).tolist(), counts.tolist()
         x_sorted = x[order // k]  # the token of each held pair
         active = counts.nonzero().flatten().tolist()  # the experts that received tokens
-        if self.grouped_mm_ok(x, len(active)):  # one kernel call per projection over the contiguous groups
+        if self.grouped_mm_ok(x, held):  # one kernel call per projection over the contiguous groups
             out_sorted = self.grouped_experts(x_sorted, counts.cumsum(0).to(torch.int32))
         else:
             out_sorted = torch.empty_like(x_sorted)
@@ -176,7 +177,8 @@ class Experts(nn.Module):
         for pair, e in enumerate(e for token_ids in expert_ids.tolist() for e in token_ids):
             if 0 <= e < num_experts:  # an expert not held adds nothing (expert parallelism)
                 pairs_of.setdefault(e, []).append(pair)
-        grouped = self.grouped_mm_ok(x, len(pairs_of))
+        held = sum(len(pairs) for pairs in pairs_of.values())
+        grouped = self.grouped_mm_ok(x, held)
         experts = sorted(pairs_of) if grouped else list(pairs_of)  # grouped_mm takes the groups in expert order
         if n == 1 and not grouped:  # one token: every expert runs on it, x itself
             outs = [self.expert(e, x) for e in experts]
@@ -191,7 +193,6 @@ class Experts(nn.Module):
         row_of_pair = [n * k] * (n * k)  # where each pair's output is in cat(outs); n * k: not held
         for row, pair in enumerate(pair for e in experts for pair in pairs_of[e]):
             row_of_pair[pair] = row
-        held = sum(len(pairs) for pairs in pairs_of.values())
         if held < n * k:  # the pairs whose expert is not held read a row of zeros
             outs.append(x.new_zeros(1, x.shape[1]))
             row_of_pair = [min(row, held) for row in row_of_pair]

@@ -1,5 +1,6 @@
 """Each component against a plain-loop or plain-matmul twin written from the formulas."""
 
+import itertools
 import math
 
 import pytest
@@ -217,9 +218,10 @@ def test_building_on_meta_is_cheap_and_a_real_build_keeps_the_embedding_init():
 
 
 def test_moe_decoding_visits_only_the_experts_with_tokens_and_equals_the_loop(monkeypatch):
-    """With most experts idle (a few tokens, as in decoding) the dispatch loops over the experts
-    that received tokens instead of torch's grouped_mm, whose CPU kernel runs a matmul for every
-    expert; from 1 token (2 of 16 experts) to 64 (all of them) both paths give the loop's output."""
+    """With fewer (token, expert) pairs than experts (a few tokens, as in decoding) the dispatch
+    loops over the experts that received tokens instead of torch's grouped_mm, whose CPU kernel
+    runs a matmul for every expert; from 1 token (2 pairs for 16 experts) to 64 (128 pairs) both
+    paths give the loop's output, on the sorted dispatch and on the few-pairs one."""
     config = MiMoConfig.tiny(n_routed_experts=16, num_experts_per_tok=2)
     moe = MoE(config)
     for p in moe.parameters():
@@ -228,13 +230,13 @@ def test_moe_decoding_visits_only_the_experts_with_tokens_and_equals_the_loop(mo
     grouped_mm, expert = F.grouped_mm, moe.experts.expert
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **kw: grouped_calls.append(1) or grouped_mm(*a, **kw))
     monkeypatch.setattr(moe.experts, "expert", lambda e, x: loop_calls.append(e) or expert(e, x))
-    for tokens in (1, 2, 3, 8, 24, 64):
+    for tokens, few_pairs in itertools.product((1, 2, 3, 7, 8, 24, 64), (True, False)):
         x = torch.randn(1, tokens, config.hidden_size)
         active = moe.gate(x[0])[1].unique().tolist()
         grouped_calls.clear(), loop_calls.clear()
-        moe.experts.use_grouped_mm = True
+        moe.experts.use_grouped_mm, moe.experts.use_few_pairs = True, few_pairs
         fast = moe(x)
-        grouped = 4 * len(active) >= 16  # a quarter of the experts or more
+        grouped = 2 * tokens >= 16  # as many (token, expert) pairs as experts, or more
         assert len(grouped_calls) == (3 if grouped else 0), (tokens, active)
         assert sorted(loop_calls) == ([] if grouped else active), (tokens, active)
         seen.add(grouped)
