@@ -18,13 +18,13 @@ Routing (layers 1..47; 256 experts, 8 chosen, no shared expert):
 Dispatch: the n*k (token, expert) pairs are sorted by expert, so every expert that received
 tokens runs one matmul over a contiguous slice; experts that received none are never touched.
 On the CPU in float32, torch's `grouped_mm` runs all those slices in one call per projection,
-when at least a quarter of the experts received tokens (prefill): its CPU kernel runs one matmul
-per expert, empty or not, so while decoding (a few tokens, k experts each: 2 of 16 experts in
-the benchmark model, 8 of 256 in Flash) the per-expert loop, which visits only experts with
-tokens, issues far fewer ops. (Measured on one thread, `bench/experts.py`: the loop is faster up
-to a quarter of the experts active, the two are within a few percent up to half, and grouped_mm
-is faster beyond.) The loop is the readable reference (and the path for bf16 and CUDA, where
-this file has not been measured). It asks `expert_weights(e, dtype)` for expert e's three
+once the (token, expert) pairs are at least as many as the experts (prefill): its CPU kernel runs
+one matmul per expert, empty or not, so while decoding (one token, k pairs: 2 pairs for the
+bundled default's 8 experts, 8 for Flash's 256) the per-expert loop, which visits only experts
+with tokens, issues far fewer ops. (Measured on one thread, `bench/experts.py`: one token of the
+bundled default 1.8x faster through the loop; from about one pair per expert the two are within
+a few percent, and grouped_mm pulls ahead as pairs grow.) The loop is the readable reference
+(and the path for bf16 and CUDA, where this file has not been measured). It asks `expert_weights(e, dtype)` for expert e's three
 matrices: here slices of the stacked parameters; `fp8.FP8Experts`, which the loader swaps in
 to keep FP8 weights on the device, answers with the same matrices dequantized for that call.
 Outputs are weighted in float32 and summed over the k choices before one cast back (in bfloat16
