@@ -430,12 +430,11 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     else:
         pool = None
     pool_hidden = None
-    if pool is not None:  # the frozen trunk's output on the pool, once: a third of a step saved (not saved to disk)
+    if pool is not None:  # the frozen trunk's output on the pool, once (recomputed on resuming, not saved)
         pool_hidden = trunk_hidden(model, pool)
         log(f"the trunk's hidden states of the pool: {tuple(pool_hidden.shape)}, "
             f"{(elapsed + time.perf_counter() - start) / 60:.1f} min")
-    autocast = dict(device_type=pool_hidden.device.type if pool_hidden is not None else "cpu",
-                    dtype=torch.bfloat16, enabled=args.distill_autocast == "bfloat16")
+    autocast = dict(device_type=model.device.type, dtype=torch.bfloat16, enabled=args.distill_autocast == "bfloat16")
 
     def snapshot(step):
         return {"phase": "distill", "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -446,13 +445,16 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     for step in range(first_step, steps):
         for group in optimizer.param_groups:
             group["lr"] = args.distill_lr * lr_factor(step, steps, warmup)
-        corpus = random_batch(data, batch - n_self, seq, gen) if n_self < batch else None
-        picked = torch.randint(0, len(pool), (n_self,), generator=gen) if n_self else None
-        with torch.no_grad():
-            h_rows = [] if corpus is None else [model.trunk(corpus)[-1]]
-            h_last = torch.cat(h_rows + ([] if picked is None else [pool_hidden[picked]]))
+        with torch.no_grad():  # the frozen main model: its hidden states and next-token distributions
+            rows = []  # (tokens, trunk hidden states): corpus rows, then rows of the pool
+            if n_self < batch:
+                corpus = random_batch(data, batch - n_self, seq, gen)
+                rows.append((corpus, model.trunk(corpus)[-1]))
+            if n_self:
+                picked = torch.randint(0, len(pool), (n_self,), generator=gen)
+                rows.append((pool[picked], pool_hidden[picked]))
+            tokens, h_last = (torch.cat(parts) for parts in zip(*rows))
             teacher = model.logits(h_last).log_softmax(-1)  # [b, t, V]: main's next-token distribution
-        tokens = torch.cat(([] if corpus is None else [corpus]) + ([] if picked is None else [pool[picked]]))
         hidden = mtp_hidden_input(model, h_last)
         losses, agree = [], []
         for k in range(model.config.num_mtp_layers):
