@@ -58,9 +58,10 @@ def race(fns: dict, *, budget_s: float, min_reps: int) -> dict:
 
 def quarter_rule(experts: Experts, active_experts: int):
     """The previous rule: grouped_mm once a quarter of the experts received tokens."""
-    def ok(x: torch.Tensor, pairs: int) -> bool:
-        return Experts.grouped_mm_ok(experts, x, pairs) or (
-            Experts.grouped_mm_ok(experts, x, experts.gate_proj.shape[0]) and 4 * active_experts >= experts.gate_proj.shape[0])
+    num_experts = experts.gate_proj.shape[0]
+
+    def ok(x: torch.Tensor, pairs: int) -> bool:  # the dtype and device checks of now, then the old count
+        return Experts.grouped_mm_ok(experts, x, num_experts) and 4 * active_experts >= num_experts
     return ok
 
 
