@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minimimo, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_slice import slice_config, slice_folder  # noqa: E402
 

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import torch
 
-import minimimo
-import minimimo.speculative as speculative
-from minimimo.speculative import SpeculativeStats
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minimimo, installed or not
+
+import minimimo  # noqa: E402
+import minimimo.speculative as speculative  # noqa: E402
+from minimimo.speculative import SpeculativeStats  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLOCK = {"clock": time.perf_counter}  # --cpu-time: time.process_time, steadier on a shared machine

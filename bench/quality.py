@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
-import minimimo
-from minimimo.train import bits_per_byte
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minimimo, installed or not
+
+import minimimo  # noqa: E402
+from minimimo.train import bits_per_byte  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "bench" / "heldout_code.py"

@@ -31,10 +31,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-import minimimo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minimimo, installed or not
+
+import minimimo  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any set_num_threads
 
