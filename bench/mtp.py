@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minimimo, installed or not
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's minimimo, installed or not
 
 import minimimo  # noqa: E402
 import minimimo.speculative as speculative  # noqa: E402
 from minimimo.speculative import SpeculativeStats  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 CLOCK = {"clock": time.perf_counter}  # --cpu-time: time.process_time, steadier on a shared machine
 
 

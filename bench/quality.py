@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minimimo, installed or not
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's minimimo, installed or not
 
 import minimimo  # noqa: E402
 from minimimo.train import bits_per_byte  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "bench" / "heldout_code.py"
 BUNDLED = "minimimo/checkpoints/mimo-tiny-python"
 OLD_REVISION = "9cc0675"  # the last commit of the default trained for 24 + 9 minutes (before issue 13)

@@ -24,9 +24,10 @@ bundled default's 8 experts, 8 for Flash's 256) the per-expert loop, which visit
 with tokens, issues far fewer ops. (Measured on one thread, `bench/experts.py`: one token of the
 bundled default 1.8x faster through the loop; from about one pair per expert the two are within
 a few percent, and grouped_mm pulls ahead as pairs grow.) The loop is the readable reference
-(and the path for bf16 and CUDA, where this file has not been measured). It asks `expert_weights(e, dtype)` for expert e's three
-matrices: here slices of the stacked parameters; `fp8.FP8Experts`, which the loader swaps in
-to keep FP8 weights on the device, answers with the same matrices dequantized for that call.
+(and the path for bf16 and CUDA, where this file has not been measured). It asks
+`expert_weights(e, dtype)` for expert e's three matrices: here slices of the stacked parameters;
+`fp8.FP8Experts`, which the loader swaps in to keep FP8 weights on the device, answers with the
+same matrices dequantized for that call.
 Outputs are weighted in float32 and summed over the k choices before one cast back (in bfloat16
 rounding per expert instead would flip downstream expert choices).
 

@@ -35,8 +35,7 @@ must be large: measured on this default (`bench/quality.py`, acceptance at k = 3
 continuations 2.76, the blocks having learned the pool by heart (teacher-forced agreement 0.90 on
 its rows, 0.81 on fresh ones); 7,000 steps on a pool of 32,768 (the default, 3.4 passes) 2.90;
 twice the steps (14,000, in bfloat16 autocast to fit the time) 2.90 again: the blocks, one
-128-wide layer each, not the length of training, hold it there. The pool's trunk hidden states
-are computed once (`trunk_hidden`; the trunk is frozen), a third of every step saved.
+128-wide layer each, not the length of training, hold it there.
 
 Every few minutes the whole training state (weights, optimizer, step, random generator, history)
 goes to `<work>/state.pt`; `--resume` continues from it and ends where an uninterrupted run ends.
