@@ -458,7 +458,7 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
             tokens, h_last = (torch.cat(parts) for parts in zip(*rows))
             teacher = model.logits(h_last).log_softmax(-1)  # [b, t, V]: main's next-token distribution
         hidden = mtp_hidden_input(model, h_last)
-        losses, agree = [], []
+        losses, agree, right = [], [], []
         for k in range(model.config.num_mtp_layers):
             n = seq - k - 1
             positions = torch.arange(n).expand(batch, n)
@@ -466,8 +466,11 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
                 logits = mtp_logits(model, k, tokens[:, k + 1:k + 1 + n], hidden[:, :n], positions)
             student = logits.float().log_softmax(-1)
             target = teacher[:, k + 1:k + 1 + n]
-            losses.append(F.kl_div(student, target, log_target=True, reduction="batchmean") / n)
-            agree.append((student.argmax(-1) == target.argmax(-1)).float().mean().item())
+            kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # [b, n]
+            weight = chain_weights(right, batch, n, args.distill_chain_floor)
+            losses.append((weight * kl).sum() / weight.sum())
+            right.append(student.argmax(-1) == target.argmax(-1))  # [b, n]
+            agree.append(right[-1].float().mean().item())
         loss = torch.stack(losses).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -481,9 +484,24 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     summary = {"distill_args": {"steps": steps, "lr": args.distill_lr, "batch": batch, "seq": seq,
                                 "seed": args.seed, "self_written_rows_per_batch": n_self,
                                 "self_written_pool": 0 if pool is None else len(pool),
-                                "autocast": args.distill_autocast},
+                                "autocast": args.distill_autocast, "chain_floor": args.distill_chain_floor},
                "distill_history": history, "minutes_phase2": round((elapsed + time.perf_counter() - start) / 60, 1)}
     return model, summary
+
+
+def chain_weights(right: list[torch.Tensor], b: int, n: int, floor: float) -> torch.Tensor:
+    """Loss weights [b, n] of the next block at positions 0 .. n-1, from right[j] [b, >= n]: where
+    block j's argmax equalled the main model's.
+
+    In a drafting cycle every block predicts from the same position q (block k guesses token
+    q + k + 2), and block k's draft counts only if blocks 0 .. k-1 were all accepted at that q.
+    So the next block's KL at q weighs 1 where the blocks before it all agreed with the main
+    model there and `floor` elsewhere: its few parameters go to the positions where its draft
+    can be accepted. floor = 1 weighs every position alike (block 0 always does)."""
+    if not right or floor == 1.0:
+        return torch.ones(b, n)
+    chain = torch.stack([r[:, :n] for r in right]).all(0).float()
+    return floor + (1.0 - floor) * chain
 
 
 @torch.no_grad()
@@ -556,6 +574,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-self", type=float, default=1.0,
                    help="fraction of each phase-2 batch taken from the main model's own greedy text")
     p.add_argument("--distill-pool", type=int, default=32768, help="greedy continuations in that pool")
+    p.add_argument("--distill-chain-floor", type=float, default=1.0,
+                   help="weight of a block's loss where an earlier block's draft was wrong (1: every "
+                        "position alike; see chain_weights)")
     p.add_argument("--distill-autocast", choices=["bfloat16", "none"], default="none",
                    help="run the MTP blocks' matmuls in bfloat16 (torch.autocast; weights stay float32): "
                         "a step 1.4x faster on a CPU with bfloat16 instructions")
@@ -563,7 +584,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if not 0 < args.distill_chain_floor <= 1:  # 0 would weigh a batch where no block agrees at all by 0 / 0
+        p.error(f"--distill-chain-floor must be in (0, 1], got {args.distill_chain_floor}")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     out = Path(args.out)

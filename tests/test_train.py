@@ -9,8 +9,8 @@ import torch
 
 from minimimo import generate, load
 from minimimo.model import MiMoForCausalLM
-from minimimo.train import (bits_per_byte, lr_factor, main, self_written_pool, small_config, summary_docstrings,
-                            trunk_hidden)
+from minimimo.train import (bits_per_byte, chain_weights, lr_factor, main, self_written_pool, small_config,
+                            summary_docstrings, trunk_hidden)
 
 TINY = ["--steps", "6", "--batch", "2", "--seq", "32", "--vocab", "300", "--hidden", "64", "--window", "8",
         "--corpus-chars", "60000", "--val-chars", "2000", "--eval-every", "3", "--eval-context", "64",
@@ -69,13 +69,15 @@ def test_learning_rate_schedule():
     assert all(x >= y for x, y in zip(factors, factors[1:]))  # cosine decays monotonically
 
 
-@pytest.mark.parametrize("self_written, autocast", [("0.5", "bfloat16"), ("1.0", "none")])  # 1.0: own text only
-def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written, autocast):
+@pytest.mark.parametrize("self_written, autocast, floor", [("0.5", "bfloat16", "1.0"), ("1.0", "none", "0.25")])
+def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written, autocast, floor):
     """Phase 2 (with a pool of the model's own greedy text, its trunk states computed once; the
-    blocks in bfloat16 autocast or float32) changes the MTP blocks and nothing else."""
+    blocks in bfloat16 autocast or float32; positions weighted alike or by the chain of earlier
+    blocks' agreement) changes the MTP blocks and nothing else."""
     args = TINY[:TINY.index("--distill-steps")] + ["--steps", "2", "--distill-steps", "3", "--distill-batch", "2",
                                                    "--distill-pool", "4", "--save-minutes", "1000",
-                                                   "--distill-self", self_written, "--distill-autocast", autocast]
+                                                   "--distill-self", self_written, "--distill-autocast", autocast,
+                                                   "--distill-chain-floor", floor]
     main(args + ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     before = load(tmp_path / "work" / "phase1", dtype=torch.float32, progress=False).state_dict()
     after = load(tmp_path / "out", dtype=torch.float32, progress=False).state_dict()
@@ -85,7 +87,29 @@ def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written, autocas
     assert record["distill_args"]["self_written_rows_per_batch"] == round(2 * float(self_written))
     assert record["distill_args"]["self_written_pool"] == 4
     assert record["distill_args"]["autocast"] == autocast
+    assert record["distill_args"]["chain_floor"] == float(floor)
     assert all(param.dtype == torch.float32 for param in after.values())
+
+
+def test_chain_weights_follow_the_earlier_blocks_agreement():
+    """Block k's loss at q weighs 1 where blocks 0 .. k-1 all agreed with the main model at q (a
+    draft there can be accepted), the floor elsewhere; block 0, and floor 1, weigh all alike."""
+    assert torch.equal(chain_weights([], 2, 5, 0.25), torch.ones(2, 5))
+    block0 = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
+    block1 = torch.tensor([[True, False, True, True], [True, True, False, True]])  # one position fewer
+    assert torch.equal(chain_weights([block0], 2, 4, 1.0), torch.ones(2, 4))
+    assert torch.equal(chain_weights([block0], 2, 4, 0.25),
+                       torch.tensor([[1, 1, 0.25, 1], [0.25, 1, 1, 1]]))
+    assert torch.equal(chain_weights([block0, block1], 2, 3, 0.0),
+                       torch.tensor([[1.0, 0, 0], [0, 1, 0]]))
+
+
+@pytest.mark.parametrize("floor", ["0", "1.5"])
+def test_chain_floor_outside_0_1_is_refused(tmp_path, floor, capsys):
+    with pytest.raises(SystemExit):
+        main(TINY + ["--out", str(tmp_path / "out"), "--distill-chain-floor", floor])
+    assert "--distill-chain-floor must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_trunk_hidden_equals_the_trunk_row_by_row():
