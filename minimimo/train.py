@@ -466,9 +466,12 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
                 logits = mtp_logits(model, k, tokens[:, k + 1:k + 1 + n], hidden[:, :n], positions)
             student = logits.float().log_softmax(-1)
             target = teacher[:, k + 1:k + 1 + n]
-            kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # [b, n]
+            loss_at = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # [b, n]
+            if args.distill_top1:  # + CE on the main model's argmax, the token a greedy draft must hit
+                loss_at = loss_at + args.distill_top1 * F.nll_loss(
+                    student.flatten(0, 1), target.argmax(-1).flatten(), reduction="none").view(batch, n)
             weight = chain_weights(right, batch, n, args.distill_chain_floor)
-            losses.append((weight * kl).sum() / weight.sum())
+            losses.append((weight * loss_at).sum() / weight.sum())
             right.append(student.argmax(-1) == target.argmax(-1))  # [b, n]
             agree.append(right[-1].float().mean().item())
         loss = torch.stack(losses).sum()
@@ -484,7 +487,8 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     summary = {"distill_args": {"steps": steps, "lr": args.distill_lr, "batch": batch, "seq": seq,
                                 "seed": args.seed, "self_written_rows_per_batch": n_self,
                                 "self_written_pool": 0 if pool is None else len(pool),
-                                "autocast": args.distill_autocast, "chain_floor": args.distill_chain_floor},
+                                "autocast": args.distill_autocast, "chain_floor": args.distill_chain_floor,
+                                "top1": args.distill_top1},
                "distill_history": history, "minutes_phase2": round((elapsed + time.perf_counter() - start) / 60, 1)}
     return model, summary
 
@@ -577,6 +581,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-chain-floor", type=float, default=1.0,
                    help="weight of a block's loss where an earlier block's draft was wrong (1: every "
                         "position alike; see chain_weights)")
+    p.add_argument("--distill-top1", type=float, default=0.0,
+                   help="weight of a cross-entropy term on the main model's argmax, added to the KL")
     p.add_argument("--distill-autocast", choices=["bfloat16", "none"], default="none",
                    help="run the MTP blocks' matmuls in bfloat16 (torch.autocast; weights stay float32): "
                         "a step 1.4x faster on a CPU with bfloat16 instructions")
@@ -588,6 +594,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.distill_chain_floor <= 1:  # 0 would weigh a batch where no block agrees at all by 0 / 0
         p.error(f"--distill-chain-floor must be in (0, 1], got {args.distill_chain_floor}")
+    if args.distill_top1 < 0:
+        p.error(f"--distill-top1 must be >= 0, got {args.distill_top1}")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     out = Path(args.out)

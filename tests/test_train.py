@@ -69,15 +69,16 @@ def test_learning_rate_schedule():
     assert all(x >= y for x, y in zip(factors, factors[1:]))  # cosine decays monotonically
 
 
-@pytest.mark.parametrize("self_written, autocast, floor", [("0.5", "bfloat16", "1.0"), ("1.0", "none", "0.25")])
-def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written, autocast, floor):
+@pytest.mark.parametrize("self_written, autocast, floor, top1", [("0.5", "bfloat16", "1.0", "0"),
+                                                                 ("1.0", "none", "0.25", "0.5")])
+def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written, autocast, floor, top1):
     """Phase 2 (with a pool of the model's own greedy text, its trunk states computed once; the
     blocks in bfloat16 autocast or float32; positions weighted alike or by the chain of earlier
-    blocks' agreement) changes the MTP blocks and nothing else."""
+    blocks' agreement; KL alone or with a top-1 term) changes the MTP blocks and nothing else."""
     args = TINY[:TINY.index("--distill-steps")] + ["--steps", "2", "--distill-steps", "3", "--distill-batch", "2",
                                                    "--distill-pool", "4", "--save-minutes", "1000",
                                                    "--distill-self", self_written, "--distill-autocast", autocast,
-                                                   "--distill-chain-floor", floor]
+                                                   "--distill-chain-floor", floor, "--distill-top1", top1]
     main(args + ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     before = load(tmp_path / "work" / "phase1", dtype=torch.float32, progress=False).state_dict()
     after = load(tmp_path / "out", dtype=torch.float32, progress=False).state_dict()
@@ -88,6 +89,7 @@ def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written, autocas
     assert record["distill_args"]["self_written_pool"] == 4
     assert record["distill_args"]["autocast"] == autocast
     assert record["distill_args"]["chain_floor"] == float(floor)
+    assert record["distill_args"]["top1"] == float(top1)
     assert all(param.dtype == torch.float32 for param in after.values())
 
 
@@ -104,11 +106,13 @@ def test_chain_weights_follow_the_earlier_blocks_agreement():
                        torch.tensor([[1.0, 0, 0], [0, 1, 0]]))
 
 
-@pytest.mark.parametrize("floor", ["0", "1.5"])
-def test_chain_floor_outside_0_1_is_refused(tmp_path, floor, capsys):
+@pytest.mark.parametrize("option, value, message", [("--distill-chain-floor", "0", "must be in (0, 1]"),
+                                                     ("--distill-chain-floor", "1.5", "must be in (0, 1]"),
+                                                     ("--distill-top1", "-1", "must be >= 0")])
+def test_phase2_loss_options_out_of_range_are_refused(tmp_path, option, value, message, capsys):
     with pytest.raises(SystemExit):
-        main(TINY + ["--out", str(tmp_path / "out"), "--distill-chain-floor", floor])
-    assert "--distill-chain-floor must be in (0, 1]" in capsys.readouterr().err
+        main(TINY + ["--out", str(tmp_path / "out"), option, value])
+    assert f"{option} {message}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
