@@ -403,7 +403,9 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
 
     When drafting, block k's token input is the main model's own greedy choice (or the previous
     block's draft), not corpus text; so a fraction `distill_self` of every batch is text the main
-    model wrote itself: a pool of greedy continuations of corpus prompts, generated once."""
+    model wrote itself: a pool of greedy continuations of corpus prompts, generated once. Each
+    block's loss may add a top-1 term and weigh positions by the earlier blocks' agreement
+    (`--distill-top1`, `chain_weights`)."""
     from .tokenizer import Tokenizer
 
     start = time.perf_counter()
@@ -475,7 +477,7 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
             if args.distill_top1:  # + CE on the main model's argmax, the token a greedy draft must hit
                 loss_at = loss_at + args.distill_top1 * F.nll_loss(
                     student.flatten(0, 1), target.argmax(-1).flatten(), reduction="none").view(batch, n)
-            weight = chain_weights(right, batch, n, args.distill_chain_floor)
+            weight = chain_weights(right, loss_at, args.distill_chain_floor)
             losses.append((weight * loss_at).sum() / weight.sum())
             right.append(student.argmax(-1) == target.argmax(-1))  # [b, n]
             agree.append(right[-1].float().mean().item())
@@ -498,18 +500,19 @@ def distill_mtp(args, work: Path, saver: Saver, resume: bool) -> tuple[MiMoForCa
     return model, summary
 
 
-def chain_weights(right: list[torch.Tensor], b: int, n: int, floor: float) -> torch.Tensor:
-    """Loss weights [b, n] of the next block at positions 0 .. n-1, from right[j] [b, >= n]: where
-    block j's argmax equalled the main model's.
+def chain_weights(right: list[torch.Tensor], loss_at: torch.Tensor, floor: float) -> torch.Tensor:
+    """Weights [b, n] for the next block's loss at positions 0 .. n-1 (`loss_at`, [b, n]), from
+    right[j] [b, >= n]: where block j's argmax equalled the main model's.
 
     In a drafting cycle every block predicts from the same position q (block k guesses token
     q + k + 2), and block k's draft counts only if blocks 0 .. k-1 were all accepted at that q.
-    So the next block's KL at q weighs 1 where the blocks before it all agreed with the main
+    So the next block's loss at q weighs 1 where the blocks before it all agreed with the main
     model there and `floor` elsewhere: its few parameters go to the positions where its draft
     can be accepted. floor = 1 weighs every position alike (block 0 always does)."""
     if not right or floor == 1.0:
-        return torch.ones(b, n)
-    chain = torch.stack([r[:, :n] for r in right]).all(0).float()
+        return torch.ones_like(loss_at)
+    n = loss_at.shape[1]
+    chain = torch.stack([r[:, :n] for r in right]).all(0).to(loss_at.dtype)
     return floor + (1.0 - floor) * chain
 
 
@@ -590,7 +593,7 @@ def parser() -> argparse.ArgumentParser:
                    help="weight of a cross-entropy term on the main model's argmax, added to the KL")
     p.add_argument("--distill-autocast", choices=["bfloat16", "none"], default="bfloat16",
                    help="run the MTP blocks' matmuls in bfloat16 (torch.autocast; weights stay float32): "
-                        "a step 1.4x faster on a CPU with bfloat16 instructions")
+                        "a step 1.4x faster on a CPU with bfloat16 instructions (none: on one without)")
     return p
 
 

@@ -96,13 +96,13 @@ def test_distillation_trains_only_the_mtp_blocks(tmp_path, self_written, autocas
 def test_chain_weights_follow_the_earlier_blocks_agreement():
     """Block k's loss at q weighs 1 where blocks 0 .. k-1 all agreed with the main model at q (a
     draft there can be accepted), the floor elsewhere; block 0, and floor 1, weigh all alike."""
-    assert torch.equal(chain_weights([], 2, 5, 0.25), torch.ones(2, 5))
+    assert torch.equal(chain_weights([], torch.zeros(2, 5), 0.25), torch.ones(2, 5))
     block0 = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
     block1 = torch.tensor([[True, False, True, True], [True, True, False, True]])  # one position fewer
-    assert torch.equal(chain_weights([block0], 2, 4, 1.0), torch.ones(2, 4))
-    assert torch.equal(chain_weights([block0], 2, 4, 0.25),
+    assert torch.equal(chain_weights([block0], torch.zeros(2, 4), 1.0), torch.ones(2, 4))
+    assert torch.equal(chain_weights([block0], torch.zeros(2, 4), 0.25),
                        torch.tensor([[1, 1, 0.25, 1], [0.25, 1, 1, 1]]))
-    assert torch.equal(chain_weights([block0, block1], 2, 3, 0.0),
+    assert torch.equal(chain_weights([block0, block1], torch.zeros(2, 3), 0.0),
                        torch.tensor([[1.0, 0, 0], [0, 1, 0]]))
 
 
