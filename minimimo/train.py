@@ -509,7 +509,7 @@ def chain_weights(right: list[torch.Tensor], loss_at: torch.Tensor, floor: float
     So the next block's loss at q weighs 1 where the blocks before it all agreed with the main
     model there and `floor` elsewhere: its few parameters go to the positions where its draft
     can be accepted. floor = 1 weighs every position alike (block 0 always does)."""
-    if not right or floor == 1.0:
+    if not right:
         return torch.ones_like(loss_at)
     n = loss_at.shape[1]
     chain = torch.stack([r[:, :n] for r in right]).all(0).to(loss_at.dtype)
