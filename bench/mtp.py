@@ -184,6 +184,9 @@ def main(argv=None) -> int:
     if args.cpu_time:
         CLOCK["clock"] = time.process_time
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"bench/mtp.py: --device {args.device}, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+        return 2
     directory = Path(args.model) if args.model else minimimo.default_checkpoint()
     model = minimimo.load(directory, dtype=torch.float32, device=args.device, progress=False)
     if model.device.type == "cuda":
