@@ -165,9 +165,9 @@ def forward_costs(model, prompts, rounds: int, widest: int = 4) -> None:
     for t in seconds:
         print(f"{t:>3} {1e3 * statistics.mean(seconds[t]):>7.2f} {statistics.mean(seconds[t]) / one:>17.2f} "
               f"{statistics.mean(experts[t]):>26.2f}")
-    print(f"({model.config.n_routed_experts} experts, top-{model.config.num_experts_per_tok}: every token "
-          "beyond the first brings experts no earlier token chose, and each expert's matrices are read\n"
-          " and multiplied on their own, so t tokens cost about as many expert runs as there are experts run)")
+    print(f"({model.config.n_routed_experts} experts, top-{model.config.num_experts_per_tok}: each later token "
+          "brings experts no earlier token chose, and each expert is its own read of three matrices\n"
+          " and its own products)")
 
 
 def main(argv=None) -> int:
