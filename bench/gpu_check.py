@@ -20,7 +20,8 @@ arithmetic allows (bf16 may differ: the script reports, it does not hide it), an
 Then `bench/mtp.py --device cuda` on the bundled trained model (float32): MTP acceptance at
 k = 1, 2, 3 on held-out code and the speed-up over plain decoding, side by side (`--skip-mtp`
 leaves it out). On a CPU a (k+1)-token verify costs ~1.4 one-token steps of this small MoE, so
-the speed-up stays near 1.35x there; on a GPU k+1 tokens should cost about what one does.
+the speed-up stays near 1.35x there; on a GPU, where a step of a model this small waits on
+kernel launches more than on its weights, k+1 tokens should cost about what one does.
 """
 
 from __future__ import annotations
